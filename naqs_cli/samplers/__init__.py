@@ -20,6 +20,8 @@ class Samples:
         n_chains: number of Markov chains the samples come from (1 for i.i.d. samples).
             MCMC samples are ordered chain-major: x.view(n_chains, -1, N).
         info: sampler diagnostics (acceptance rate, ...), plain floats.
+        full_basis: True when `x` is the whole basis in basis order (fullsum), so local
+            energies can use the sparse Hamiltonian.
     """
 
     x: torch.Tensor
@@ -27,6 +29,7 @@ class Samples:
     log_psi: torch.Tensor | None = None
     n_chains: int = 1
     info: dict[str, Any] = field(default_factory=dict)
+    full_basis: bool = False
 
     @property
     def n_samples(self) -> int:

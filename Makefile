@@ -1,0 +1,46 @@
+# naqs — developer and user entry points. Everything installs itself into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+PYTEST_FLAGS ?=
+
+.PHONY: install test validate lint format run bench bench-netket clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## create .venv, install pinned CPU torch then naqs[dev] (editable)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --disable-pip-version-check "$(TORCH)"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+test: install  ## default suite (excludes slow physics checks)
+	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_FLAGS)
+
+validate: install  ## slow physics checks (VMC convergence against exact answers)
+	$(PY) -m pytest -m slow --durations=15 $(PYTEST_FLAGS)
+
+lint: install  ## ruff check + format check
+	$(VENV)/bin/ruff check naqs_cli tests benchmarks
+	$(VENV)/bin/ruff format --check naqs_cli tests benchmarks
+
+format: install  ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix naqs_cli tests benchmarks
+	$(VENV)/bin/ruff format naqs_cli tests benchmarks
+
+run: install  ## the default small TFIM training run (about a minute on 2 cores)
+	$(VENV)/bin/naqs train
+
+bench: install  ## performance benchmarks -> benchmarks/results/*.json, *.md
+	$(PY) benchmarks/run_all.py
+
+clean:  ## remove the venv, caches and run outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find outputs -mindepth 1 ! -name .gitignore ! -name README.md -prune -exec rm -rf {} +

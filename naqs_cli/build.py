@@ -1,0 +1,447 @@
+"""The one place that wires configs to objects, and `validate(cfg)`: every cross-key rule.
+
+Each rule raises `ConfigError` with one line naming the key, the bad value and what is
+allowed. `cli.py` runs `validate` before any work or output; tasks run it again (cheap).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from naqs_cli.lattice import SquareLattice
+from naqs_cli.limits import ED_MAX_SITES, FULLSUM_MAX_SITES
+
+SYMMETRIES = ("none", "spin_flip", "lattice", "lattice_spin_flip")
+SIGN_RULES = ("auto", "true", "false")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+SCHEDULES = ("constant", "cosine", "step")
+EXACT_METHODS = ("auto", "ed", "free_fermion")
+MCMC_INITS = ("random", "up", "down")
+MCMC_MOVES = ("auto", "flip", "exchange")
+SAMPLER_KINDS = ("direct", "fullsum", "mcmc")
+DIRECT_METHODS = ("cached", "reference")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the composed configuration (one line, shown without traceback)."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        _fail(key, value, "allowed: " + " | ".join(options))
+
+
+def _int_at_least(key: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        _fail(key, value, f"must be an integer >= {low}")
+
+
+def _finite(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+
+
+def _positive(key: str, value: Any) -> None:
+    _finite(key, value)
+    if value <= 0:
+        _fail(key, value, "must be > 0")
+
+
+def target_kind(node: Any) -> str:
+    """Return the short kind of a group option from its `_target_` (e.g. 'tfim', 'pixelcnn')."""
+    target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+    return {
+        "TransverseFieldIsing": "tfim",
+        "Heisenberg": "heisenberg",
+        "PixelCNN": "pixelcnn",
+        "DenseNAQS": "dense",
+        "DirectSampler": "direct",
+        "FullSumSampler": "fullsum",
+        "MetropolisSampler": "mcmc",
+        "Adam": "adam",
+        "SGD": "sgd",
+    }.get(target, target.lower())
+
+
+def normalize_sign_rule(value: Any) -> str:
+    """Map bools and their spellings to 'auto' | 'true' | 'false'."""
+    text = str(value).strip().lower()
+    return {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(text, text)
+
+
+# --- builders -----------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for `device` = auto | cpu | cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Return the torch dtype for `dtype` = float32 | float64."""
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def build_lattice(cfg: DictConfig) -> SquareLattice:
+    """Return the lattice of `cfg.lattice`."""
+    node = cfg.lattice
+    return SquareLattice(Lx=int(node.Lx), Ly=int(node.Ly), pbc=bool(node.pbc))
+
+
+def build_hamiltonian(cfg: DictConfig, lattice: SquareLattice):
+    """Return the Hamiltonian of `cfg.ham` on `lattice`."""
+    from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
+
+    kind = target_kind(cfg.ham)
+    if kind == "tfim":
+        return TransverseFieldIsing(lattice=lattice, J=float(cfg.ham.J), gamma=float(cfg.ham.gamma))
+    if kind == "heisenberg":
+        return Heisenberg(
+            lattice=lattice, J=float(cfg.ham.J), sign_rule=normalize_sign_rule(cfg.ham.sign_rule)
+        )
+    raise ConfigError(f"ham._target_={cfg.ham._target_}: unknown Hamiltonian")
+
+
+def build_model(
+    cfg: DictConfig,
+    lattice: SquareLattice,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    symmetry: str | None = None,
+) -> torch.nn.Module:
+    """Return the wave function of `cfg.model` (symmetrized if asked), on device and dtype.
+
+    Args:
+        symmetry: overrides `cfg.model.symmetry` when given.
+    """
+    from hydra.utils import get_class
+
+    from naqs_cli.models.symmetry import SymmetrizedWaveFunction
+
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    target = kwargs.pop("_target_")
+    symmetry = kwargs.pop("symmetry", "none") if symmetry is None else symmetry
+    kwargs.pop("symmetry", None)
+    model = get_class(target)(lattice=lattice, **kwargs)
+    if symmetry != "none":
+        model = SymmetrizedWaveFunction(model, symmetry=symmetry)
+    return model.to(device=device, dtype=dtype)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the autoregressive network inside a symmetrized wrapper (or the model itself)."""
+    return getattr(model, "base", model)
+
+
+def build_sampler(cfg: DictConfig, hamiltonian, device: torch.device, seed: int, rank: int = 0):
+    """Return the sampler of `cfg.sampler`, its generator seeded `seed + 1000·rank`."""
+    from hydra.utils import get_class
+
+    kwargs = OmegaConf.to_container(cfg.sampler, resolve=True)
+    target = kwargs.pop("_target_")
+    cls = get_class(target)
+    extra: dict[str, Any] = {"seed": seed + 1000 * rank, "device": device}
+    if target_kind(cfg.sampler) in ("mcmc", "fullsum"):
+        extra["hamiltonian"] = hamiltonian
+    return cls(**kwargs, **extra)
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Return the optimizer of `cfg.optim` over the model's parameters."""
+    kind = target_kind(cfg.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas))
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=float(cfg.optim.lr), momentum=float(cfg.optim.momentum))
+    raise ConfigError(f"optim._target_={cfg.optim._target_}: allowed: adam | sgd")
+
+
+# --- validation ---------------------------------------------------------------------------
+def validate(cfg: DictConfig, task: str) -> None:
+    """Check every key and cross-key rule of a composed config for `task`.
+
+    Raises:
+        ConfigError: the first violation, as one line naming key, value and what is allowed.
+    """
+    if task in ("train", "compare_training", "exact"):
+        lattice = _validate_lattice(cfg)
+        ham_kind = _validate_ham(cfg, lattice)
+    if task in ("train", "compare_training"):
+        _validate_model(cfg, lattice, ham_kind)
+        _validate_sampler(cfg, lattice, ham_kind)
+        _validate_optim(cfg)
+        _validate_train(cfg)
+        _validate_runtime(cfg)
+        if cfg.resume is not None:
+            _validate_path("resume", cfg.resume)
+    if task == "exact":
+        _validate_exact(cfg, lattice, ham_kind)
+    if task in ("evaluate", "compare_sampling"):
+        _validate_path("checkpoint", cfg.checkpoint)
+        _int_at_least("n_samples", cfg.n_samples, 1)
+        _validate_runtime(cfg, allow_null=True)
+    if task == "evaluate":
+        if cfg.sampler is not None:
+            _choice("sampler", cfg.sampler, SAMPLER_KINDS)
+        if cfg.model.symmetry is not None:
+            _choice("model.symmetry", cfg.model.symmetry, SYMMETRIES)
+    if task == "compare_sampling":
+        _int_at_least("n_chains", cfg.n_chains, 1)
+        _int_at_least("samples_per_chain", cfg.samples_per_chain, 2)
+        _int_at_least("sweeps_between_samples", cfg.sweeps_between_samples, 1)
+        _int_at_least("burn_in", cfg.burn_in, 0)
+        _choice("init", cfg.init, MCMC_INITS)
+    if task == "compare_training":
+        ks = list(cfg.compare.ks)
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            _fail("compare.ks", ks, "must be a non-empty list of integers >= 1")
+        _int_at_least("compare.n_chains", cfg.compare.n_chains, 1)
+        _positive("compare.wall_time", cfg.compare.wall_time)
+        if cfg.compare.max_steps is not None:
+            _int_at_least("compare.max_steps", cfg.compare.max_steps, 1)
+
+
+def _validate_path(key: str, value: Any) -> None:
+    if value is None or str(value).strip() in ("", "???"):
+        _fail(key, value, "give a checkpoint file or run directory")
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        if not (path / "checkpoints" / "last.pt").is_file():
+            _fail(key, value, "this directory holds no checkpoints/last.pt")
+    elif not path.is_file():
+        _fail(key, value, "no such file or directory")
+
+
+def _validate_lattice(cfg: DictConfig) -> SquareLattice:
+    _int_at_least("lattice.Lx", cfg.lattice.Lx, 1)
+    _int_at_least("lattice.Ly", cfg.lattice.Ly, 1)
+    try:
+        return build_lattice(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validate_ham(cfg: DictConfig, lattice: SquareLattice) -> str:
+    kind = target_kind(cfg.ham)
+    if kind not in ("tfim", "heisenberg"):
+        _fail("ham._target_", cfg.ham.get("_target_"), "allowed: the tfim and heisenberg options")
+    _finite("ham.J", cfg.ham.J)
+    if kind == "tfim":
+        _finite("ham.gamma", cfg.ham.gamma)
+    else:
+        rule = normalize_sign_rule(cfg.ham.sign_rule)
+        _choice("ham.sign_rule", rule, SIGN_RULES)
+        if rule == "true" and not lattice.is_bipartite:
+            _fail(
+                "ham.sign_rule",
+                "true",
+                f"the Marshall sign rule needs a bipartite lattice; {lattice.describe()} is not"
+                " (use ham.sign_rule=false or auto)",
+            )
+    return kind
+
+
+def _sign_rule_on(cfg: DictConfig, lattice: SquareLattice) -> bool:
+    rule = normalize_sign_rule(cfg.ham.sign_rule)
+    if rule == "auto":
+        return lattice.is_bipartite and float(cfg.ham.J) > 0
+    return rule == "true"
+
+
+def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
+    model = cfg.model
+    kind = target_kind(model)
+    _int_at_least("model.layers", model.layers, 1)
+    if kind == "pixelcnn":
+        _int_at_least("model.channels", model.channels, 1)
+        k = model.kernel_size
+        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+            _fail("model.kernel_size", k, "must be an odd integer >= 3")
+    elif kind == "dense":
+        _int_at_least("model.hidden", model.hidden, 1)
+    _choice("model.symmetry", model.symmetry, SYMMETRIES)
+    n_sites = lattice.n_sites
+    if model.total_sz is not None:
+        if ham_kind != "heisenberg":
+            _fail(
+                "model.total_sz",
+                model.total_sz,
+                f"a fixed Σσᶻ sector needs a Hamiltonian that conserves it (ham=heisenberg);"
+                f" ham={ham_kind} does not: use model.total_sz=null",
+            )
+        n_up = n_sites / 2 + float(model.total_sz)
+        if not float(n_up).is_integer() or not 0 <= n_up <= n_sites:
+            _fail(
+                "model.total_sz",
+                model.total_sz,
+                f"Σσᶻ/2 must make N/2 + total_sz an integer in [0, N] (N = {n_sites})",
+            )
+    if "spin_flip" in model.symmetry and model.total_sz not in (None, 0):
+        _fail(
+            "model.symmetry",
+            model.symmetry,
+            f"spin flips leave no sector with total_sz={model.total_sz} invariant; use"
+            " model.total_sz=0 or null, or model.symmetry=none|lattice",
+        )
+    if ham_kind == "heisenberg" and not _sign_rule_on(cfg, lattice):
+        if not model.phase and float(cfg.ham.J) > 0:
+            _fail(
+                "model.phase",
+                False,
+                "the antiferromagnetic Heisenberg ground state has signs; use model.phase=true"
+                " or ham.sign_rule=auto|true (bipartite lattices)",
+            )
+        if model.symmetry != "none" and lattice.is_bipartite and float(cfg.ham.J) > 0:
+            bad = _marshall_breaking(lattice, model.symmetry, model.total_sz)
+            if bad:
+                _fail(
+                    "model.symmetry",
+                    model.symmetry,
+                    "without the sign rule the target state changes sign under some symmetry"
+                    " operation, which the symmetrized phase cannot represent; use"
+                    " ham.sign_rule=true or model.symmetry=none",
+                )
+
+
+def _marshall_breaking(lattice: SquareLattice, symmetry: str, total_sz: Any) -> bool:
+    """Return whether some g changes the Marshall sign (−1)^(ups on sublattice B)."""
+    from naqs_cli.models.symmetry import symmetry_group
+
+    generator = torch.Generator().manual_seed(0)
+    n_sites = lattice.n_sites
+    n_up = n_sites // 2 + (int(total_sz) if total_sz is not None else 0)
+    x = torch.zeros(16, n_sites, dtype=torch.int8)
+    for row in range(16):
+        x[row, torch.randperm(n_sites, generator=generator)[:n_up]] = 1
+    on_b = (lattice.sublattice_sign() < 0).long()
+    parity = (x.long() * on_b).sum(-1) % 2
+    for perm, flip in symmetry_group(lattice, symmetry):
+        gx = x[:, perm]
+        if flip:
+            gx = 1 - gx
+        if not torch.equal((gx.long() * on_b).sum(-1) % 2, parity):
+            return True
+    return False
+
+
+def _validate_sampler(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
+    kind = target_kind(cfg.sampler)
+    _choice("sampler", kind, SAMPLER_KINDS)
+    _int_at_least("sampler.n_samples", cfg.sampler.n_samples, 1)
+    if kind == "direct":
+        _choice("sampler.method", cfg.sampler.method, DIRECT_METHODS)
+    if kind == "fullsum" and lattice.n_sites > FULLSUM_MAX_SITES:
+        _fail(
+            "sampler",
+            "fullsum",
+            f"full sums hold all 2^N states, so N <= FULLSUM_MAX_SITES = {FULLSUM_MAX_SITES};"
+            f" {lattice.describe()} has N = {lattice.n_sites}: use sampler=direct",
+        )
+    if kind == "mcmc":
+        _int_at_least("sampler.n_chains", cfg.sampler.n_chains, 1)
+        _int_at_least("sampler.sweeps_between_samples", cfg.sampler.sweeps_between_samples, 1)
+        _int_at_least("sampler.burn_in", cfg.sampler.burn_in, 0)
+        _choice("sampler.init", cfg.sampler.init, MCMC_INITS)
+        _choice("sampler.move", cfg.sampler.move, MCMC_MOVES)
+        move = cfg.sampler.move
+        if move == "auto":
+            move = "exchange" if ham_kind == "heisenberg" else "flip"
+        if move == "flip" and cfg.model.total_sz is not None:
+            _fail(
+                "sampler.move",
+                "flip",
+                "single-spin flips leave the fixed model.total_sz sector; use"
+                " sampler.move=exchange or model.total_sz=null",
+            )
+        if move == "exchange" and cfg.sampler.init in ("up", "down"):
+            _fail(
+                "sampler.init",
+                cfg.sampler.init,
+                "exchange moves cannot leave a fully polarized state; use sampler.init=random",
+            )
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    _positive("optim.lr", cfg.optim.lr)
+    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    if cfg.optim.schedule == "step":
+        _int_at_least("optim.step_every", cfg.optim.step_every, 1)
+        _positive("optim.step_factor", cfg.optim.step_factor)
+    if cfg.optim.grad_clip is not None:
+        _positive("optim.grad_clip", cfg.optim.grad_clip)
+    if target_kind(cfg.optim) == "adam":
+        betas = list(cfg.optim.betas)
+        if len(betas) != 2 or any(not 0 <= float(b) < 1 for b in betas):
+            _fail("optim.betas", betas, "must be two numbers in [0, 1)")
+    if target_kind(cfg.optim) == "sgd":
+        _finite("optim.momentum", cfg.optim.momentum)
+
+
+def _validate_train(cfg: DictConfig) -> None:
+    train = cfg.train
+    _int_at_least("train.steps", train.steps, 0)
+    _int_at_least("train.chunk_size", train.chunk_size, 1)
+    _int_at_least("train.log_every", train.log_every, 1)
+    _int_at_least("train.checkpoint_every", train.checkpoint_every, 1)
+    _int_at_least("train.final_samples", train.final_samples, 0)
+    _int_at_least("train.best_smoothing", train.best_smoothing, 1)
+    _int_at_least("train.max_nonfinite", train.max_nonfinite, 1)
+    _int_at_least("train.max_rollbacks", train.max_rollbacks, 0)
+    if train.stages is not None:
+        if len(train.stages) == 0:
+            _fail("train.stages", "[]", "give at least one {steps, n_samples, lr} or null")
+        for i, stage in enumerate(train.stages):
+            _int_at_least(f"train.stages[{i}].steps", stage.steps, 1)
+            _int_at_least(f"train.stages[{i}].n_samples", stage.n_samples, 1)
+            _positive(f"train.stages[{i}].lr", stage.lr)
+    if train.init_from is not None:
+        _validate_path("train.init_from", train.init_from)
+
+
+def _validate_runtime(cfg: DictConfig, allow_null: bool = False) -> None:
+    if not (allow_null and cfg.device is None):
+        _choice("device", cfg.device, DEVICES)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            _fail("device", "cuda", "no CUDA device is available here; use device=cpu or auto")
+    if not (allow_null and cfg.dtype is None):
+        _choice("dtype", cfg.dtype, DTYPES)
+
+
+def _validate_exact(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
+    _choice("method", cfg.method, EXACT_METHODS)
+    one_d_tfim = ham_kind == "tfim" and lattice.Ly == 1 and float(cfg.ham.J) > 0
+    if cfg.method == "free_fermion" and not one_d_tfim:
+        _fail(
+            "method",
+            "free_fermion",
+            "free fermions solve only the 1D TFIM chain (lattice=chain, ham=tfim, ham.J > 0);"
+            " use method=ed or auto",
+        )
+    uses_ed = cfg.method == "ed" or (cfg.method == "auto" and not one_d_tfim)
+    if uses_ed and lattice.n_sites > ED_MAX_SITES:
+        _fail(
+            "method",
+            cfg.method,
+            f"exact diagonalization handles at most ED_MAX_SITES = {ED_MAX_SITES} sites;"
+            f" {lattice.describe()} has {lattice.n_sites}"
+            + (": use method=free_fermion" if one_d_tfim else ": train a model instead"),
+        )

@@ -1,0 +1,229 @@
+"""Structured configs: one dataclass per config-group option, registered in Hydra's ConfigStore.
+
+The YAML files in `conf/` extend these schemas (``defaults: [base_<name>, _self_]``), so every
+override is type-checked by OmegaConf: ``ham.gamma=abc`` or an unknown key fails at composition.
+Each option carries the ``_target_`` that `build.py` instantiates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional  # noqa: F401  (Optional is needed by OmegaConf on 3.10)
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# --- lattice -------------------------------------------------------------------------------
+@dataclass
+class LatticeConfig:
+    _target_: str = "naqs_cli.lattice.SquareLattice"
+    Lx: int = 4
+    Ly: int = 4
+    pbc: bool = False
+
+
+# --- Hamiltonians --------------------------------------------------------------------------
+@dataclass
+class TFIMConfig:
+    _target_: str = "naqs_cli.hamiltonians.TransverseFieldIsing"
+    J: float = 1.0
+    gamma: float = 3.0
+
+
+@dataclass
+class HeisenbergConfig:
+    _target_: str = "naqs_cli.hamiltonians.Heisenberg"
+    J: float = 1.0
+    sign_rule: str = "auto"
+
+
+# --- models --------------------------------------------------------------------------------
+@dataclass
+class PixelCNNConfig:
+    _target_: str = "naqs_cli.models.pixelcnn.PixelCNN"
+    layers: int = 4
+    channels: int = 16
+    kernel_size: int = 3
+    phase: bool = True
+    total_sz: float | None = None
+    symmetry: str = "none"
+
+
+@dataclass
+class DenseConfig:
+    _target_: str = "naqs_cli.models.dense.DenseNAQS"
+    layers: int = 2
+    hidden: int = 64
+    phase: bool = True
+    total_sz: float | None = None
+    symmetry: str = "none"
+
+
+# --- samplers ------------------------------------------------------------------------------
+@dataclass
+class DirectSamplerConfig:
+    _target_: str = "naqs_cli.samplers.direct.DirectSampler"
+    n_samples: int = 512
+    method: str = "cached"
+
+
+@dataclass
+class FullSumSamplerConfig:
+    _target_: str = "naqs_cli.samplers.fullsum.FullSumSampler"
+    # Not used for drawing (all 2^N states are weighted by |Ψ|²); kept so stage lists and
+    # scripts that set sampler.n_samples work unchanged.
+    n_samples: int = 512
+
+
+@dataclass
+class MCMCSamplerConfig:
+    _target_: str = "naqs_cli.samplers.metropolis.MetropolisSampler"
+    n_samples: int = 512
+    n_chains: int = 16
+    sweeps_between_samples: int = 10
+    burn_in: int = 100
+    init: str = "random"
+    move: str = "auto"
+
+
+# --- optimizers ----------------------------------------------------------------------------
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    schedule: str = "constant"
+    step_every: int = 1000
+    step_factor: float = 0.5
+    grad_clip: float | None = None
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    lr: float = 1e-2
+    momentum: float = 0.0
+    schedule: str = "constant"
+    step_every: int = 1000
+    step_factor: float = 0.5
+    grad_clip: float | None = None
+
+
+# --- primary configs -----------------------------------------------------------------------
+@dataclass
+class StageConfig:
+    steps: int = MISSING
+    n_samples: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
+class TrainSection:
+    steps: int = 300
+    stages: list[StageConfig] | None = None
+    chunk_size: int = 1024
+    log_every: int = 10
+    checkpoint_every: int = 100
+    final_samples: int = 16384
+    final_symmetry: str | None = None
+    init_from: str | None = None
+    best_smoothing: int = 20
+    max_nonfinite: int = 5
+    max_rollbacks: int = 3
+
+
+@dataclass
+class ReferenceConfig:
+    """A literature value to report relative errors against (per site), e.g. the paper's QMC."""
+
+    energy: float | None = None
+    source: str = ""
+    naqs_energy: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    lattice: Any = MISSING
+    ham: Any = MISSING
+    model: Any = MISSING
+    sampler: Any = MISSING
+    optim: Any = MISSING
+    train: TrainSection = field(default_factory=TrainSection)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    resume: str | None = None
+
+
+@dataclass
+class EvaluateModelOverrides:
+    symmetry: str | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = MISSING
+    n_samples: int = 65536
+    sampler: str | None = None
+    model: EvaluateModelOverrides = field(default_factory=EvaluateModelOverrides)
+    seed: int = 1
+    device: str | None = None
+    dtype: str | None = None
+    chunk_size: int = 4096
+
+
+@dataclass
+class ExactConfig:
+    lattice: Any = MISSING
+    ham: Any = MISSING
+    method: str = "auto"
+
+
+@dataclass
+class CompareSamplingConfig:
+    checkpoint: str = MISSING
+    n_samples: int = 16384
+    n_chains: int = 8
+    samples_per_chain: int = 512
+    sweeps_between_samples: int = 1
+    burn_in: int = 20
+    init: str = "up"
+    seed: int = 1
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class CompareTrainingSection:
+    ks: list[int] = field(default_factory=lambda: [1, 10])
+    n_chains: int = 16
+    burn_in: int = 20
+    wall_time: float = 60.0
+    max_steps: int | None = None
+
+
+@dataclass
+class CompareTrainingConfig(TrainConfig):
+    compare: CompareTrainingSection = field(default_factory=CompareTrainingSection)
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(group="lattice", name="base_lattice", node=LatticeConfig)
+    cs.store(group="ham", name="base_tfim", node=TFIMConfig)
+    cs.store(group="ham", name="base_heisenberg", node=HeisenbergConfig)
+    cs.store(group="model", name="base_pixelcnn", node=PixelCNNConfig)
+    cs.store(group="model", name="base_dense", node=DenseConfig)
+    cs.store(group="sampler", name="base_direct", node=DirectSamplerConfig)
+    cs.store(group="sampler", name="base_fullsum", node=FullSumSamplerConfig)
+    cs.store(group="sampler", name="base_mcmc", node=MCMCSamplerConfig)
+    cs.store(group="optim", name="base_adam", node=AdamConfig)
+    cs.store(group="optim", name="base_sgd", node=SGDConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="exact_schema", node=ExactConfig)
+    cs.store(name="compare_sampling_schema", node=CompareSamplingConfig)
+    cs.store(name="compare_training_schema", node=CompareTrainingConfig)

@@ -1,0 +1,695 @@
+"""The subcommands as plain functions `(cfg, out_dir) -> TaskResult` that tests call directly.
+
+Nothing here touches HydraConfig or the working directory: `cli.py` passes the run directory.
+Tasks log to the `naqs_cli` loggers (Hydra files them in `<task>.log`) and return the text the
+CLI prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import naqs_cli
+from naqs_cli import build, distributed, store
+from naqs_cli.build import ConfigError, target_kind, unwrap
+from naqs_cli.limits import ED_MAX_SITES
+from naqs_cli.samplers import Samples
+from naqs_cli.vmc import LocalEnergy, estimate_observables, local_energy, train_step
+
+log = logging.getLogger(__name__)
+
+#: History columns besides the observables.
+BOOK_KEEPING = ("step", "stage", "n_samples", "wall_time", "lr", "grad_norm")
+#: Observables (each stored with `<name>_err`).
+OBSERVABLES = (
+    "energy",
+    "energy_variance",
+    "v_score",
+    "abs_magnetization",
+    "magnetization",
+    "magnetization_sq",
+)
+#: Keys of a checkpoint's config that `resume` may not change (they define the state).
+FROZEN_ON_RESUME = ("lattice", "ham", "model", "sampler._target_")
+
+
+class NotImplementedYetError(Exception):
+    """A subcommand that a later issue builds."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Non-finite energies or gradients persisted through every rollback."""
+
+
+class InterruptedRunError(Exception):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+@dataclass
+class TaskResult:
+    """What a task hands back: the text the CLI prints and the files it wrote."""
+
+    summary: str
+    out_dir: Path
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+# --- shared helpers -----------------------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(naqs_cli.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_attrs(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Return the root attributes every HDF5 output carries."""
+    return {
+        "naqs_version": naqs_cli.__version__,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "seed": int(cfg.get("seed", 0)),
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference energy per site and where it comes from."""
+
+    energy: float
+    source: str
+    observables: dict[str, float] = field(default_factory=dict)
+
+
+def find_reference(cfg: DictConfig, hamiltonian) -> Reference | None:
+    """Return the exact ground-state energy when computable (N ≤ 24 or 1D TFIM), else the
+    literature value of `cfg.reference`, else None."""
+    from naqs_cli import exact
+
+    lattice = hamiltonian.lattice
+    one_d_tfim = hamiltonian.name == "tfim" and lattice.Ly == 1 and float(hamiltonian.J) > 0
+    if lattice.n_sites <= ED_MAX_SITES or one_d_tfim:
+        result = exact.ground_state(hamiltonian, method="auto")
+        return Reference(result.energy_per_site, f"exact ({result.method})", result.observables)
+    ref = cfg.get("reference")
+    if ref is not None and ref.get("energy") is not None:
+        return Reference(float(ref.energy), ref.source or "reference")
+    return None
+
+
+def relative_error(energy: float, reference: Reference | None) -> float:
+    """Return the signed relative error (E − E_ref)/|E_ref| (NaN without a reference)."""
+    if reference is None or reference.energy == 0:
+        return math.nan
+    return (energy - reference.energy) / abs(reference.energy)
+
+
+def _cat_samples(parts: Sequence[Samples]) -> Samples:
+    first = parts[0]
+    return Samples(
+        x=torch.cat([p.x for p in parts]),
+        weights=None if first.weights is None else torch.cat([p.weights for p in parts]),
+        log_psi=torch.cat([p.log_psi for p in parts]),
+        n_chains=first.n_chains,
+        full_basis=first.full_basis,
+    )
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    hamiltonian,
+    sampler,
+    n_samples: int,
+    chunk_size: int,
+) -> dict[str, float]:
+    """Estimate every observable of `model` with `n_samples` samples, drawn in chunks.
+
+    Returns the per-site observables of `vmc.estimate_observables` plus `n_samples`.
+    """
+    batches: list[Samples] = []
+    energies: list[LocalEnergy] = []
+    if getattr(sampler, "basis", None) is not None:  # fullsum: one exact pass
+        batch = sampler.sample(model)
+        values = estimate_observables(batch, local_energy(model, hamiltonian, batch), hamiltonian)
+        values["n_samples"] = batch.n_samples
+        return values
+    remaining = n_samples
+    while remaining > 0:
+        size = min(remaining, chunk_size)
+        batch = sampler.sample(model, size)
+        batches.append(batch)
+        energies.append(local_energy(model, hamiltonian, batch, chunk_size=chunk_size))
+        remaining -= size
+    batch = _cat_samples(batches)
+    e_loc = LocalEnergy(
+        torch.cat([e.total for e in energies]), torch.cat([e.off_diagonal for e in energies])
+    )
+    values = estimate_observables(batch, e_loc, hamiltonian)
+    values["n_samples"] = batch.n_samples
+    return values
+
+
+def format_table(values: dict[str, float], reference: Reference | None, title: str) -> str:
+    """Return a one-screen table of observables with errors and the relative energy error."""
+    lines = [title]
+    names = [n for n in values if not n.endswith("_err") and n not in ("n_samples", "tau")]
+    for name in names:
+        value = values[name]
+        err = values.get(f"{name}_err")
+        text = f"{value: .8f}" if isinstance(value, float) else f"{value}"
+        if err is not None and math.isfinite(err):
+            text += f" ± {err:.1e}"
+        lines.append(f"  {name:<24}{text}")
+    if reference is not None:
+        rel = relative_error(values["energy"], reference)
+        lines.append(f"  {'reference energy':<24}{reference.energy: .8f}  ({reference.source})")
+        lines.append(f"  {'relative error':<24}{rel: .3e}")
+    return "\n".join(lines)
+
+
+# --- train --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """A contiguous block of steps with one batch size and base learning rate."""
+
+    start: int
+    steps: int
+    n_samples: int
+    lr: float
+
+
+def make_stages(cfg: DictConfig) -> list[Stage]:
+    """Return the stages of `train.stages`, or one stage from the single keys."""
+    raw = cfg.train.stages
+    if raw is None:
+        raw = [{"steps": cfg.train.steps, "n_samples": cfg.sampler.n_samples, "lr": cfg.optim.lr}]
+    stages, start = [], 0
+    for s in raw:
+        stages.append(Stage(start, int(s["steps"]), int(s["n_samples"]), float(s["lr"])))
+        start += int(s["steps"])
+    return stages
+
+
+def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:
+    """Return (index, stage) of the stage that holds `step`."""
+    for i, stage in enumerate(stages):
+        if step < stage.start + stage.steps:
+            return i, stage
+    return len(stages) - 1, stages[-1]
+
+
+def lr_at(cfg: DictConfig, stage: Stage, step: int, lr_scale: float) -> float:
+    """Return the learning rate of `step` under `optim.schedule` within its stage."""
+    t, total = step - stage.start, max(stage.steps, 1)
+    schedule = cfg.optim.schedule
+    if schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    elif schedule == "step":
+        factor = float(cfg.optim.step_factor) ** (t // int(cfg.optim.step_every))
+    else:
+        factor = 1.0
+    return stage.lr * factor * lr_scale
+
+
+def resume_config(stored: dict, overrides: Sequence[str] | None) -> DictConfig:
+    """Return a checkpoint's config with the command line's overrides applied.
+
+    Group switches and changes of lattice, Hamiltonian, model or sampler kind are refused:
+    they would not continue the same run.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.create(stored)
+    if not overrides:
+        cfg.resume = None
+        return cfg
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for override in parsed:
+        key = override.key_or_group
+        if key in ("resume",) or key.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            raise ConfigError(f"{key}: a resumed run takes single values, not a sweep")
+        frozen = next((f for f in FROZEN_ON_RESUME if key == f or key.startswith(f + ".")), None)
+        if frozen is not None or "." not in key and key in ("experiment", "optim"):
+            raise ConfigError(
+                f"{key}: a resumed run keeps the checkpoint's {frozen or key}; start a new run"
+                " (train.init_from=CHECKPOINT reuses the weights)"
+            )
+        OmegaConf.update(cfg, key, override.value(), merge=True)
+    cfg.resume = None
+    return cfg
+
+
+class _SignalCatcher:
+    """Turn SIGINT/SIGTERM into a flag the training loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalCatcher:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Trainer:
+    """The state of one training run (model, optimizer, sampler, files); see `train`."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, checkpoint: dict | None) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.device = build.resolve_device(cfg.device)
+        self.dtype = build.resolve_dtype(cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.lattice = build.build_lattice(cfg)
+        self.hamiltonian = build.build_hamiltonian(cfg, self.lattice)
+        self.model = build.build_model(cfg, self.lattice, self.device, self.dtype)
+        self.sampler = build.build_sampler(
+            cfg, self.hamiltonian, self.device, cfg.seed, distributed.rank()
+        )
+        self.optimizer = build.build_optimizer(cfg, self.model)
+        self.stages = make_stages(cfg)
+        self.total_steps = self.stages[-1].start + self.stages[-1].steps
+        self.step = 0
+        self.lr_scale = 1.0
+        self.best_energy = math.inf
+        self.recent: list[float] = []
+        self.elapsed = 0.0
+        self.rollbacks = 0
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.history = store.HistoryWriter(out_dir / "history.h5", run_attrs(cfg, self.device))
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif cfg.train.init_from:
+            self._init_from(cfg.train.init_from)
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format_version": store.CHECKPOINT_FORMAT_VERSION,
+            "naqs_version": naqs_cli.__version__,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks},
+            "sampler": [self.sampler.state_dict()],
+            "step": self.step,
+            "rng": [torch.get_rng_state()],
+            "best_energy": self.best_energy,
+            "recent_energies": list(self.recent),
+            "elapsed": self.elapsed,
+        }
+
+    def _restore(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"][distributed.rank()])
+        torch.set_rng_state(state["rng"][distributed.rank()].cpu())
+        self.step = int(state["step"])
+        self.lr_scale = float(state["scheduler"]["lr_scale"])
+        self.rollbacks = int(state["scheduler"].get("rollbacks", 0))
+        self.best_energy = float(state["best_energy"])
+        self.recent = [float(e) for e in state.get("recent_energies", [])]
+        self.elapsed = float(state.get("elapsed", 0.0))
+        kept = self.history.truncate_from(self.step)
+        log.info("resumed at step %d (%d history rows kept)", self.step, kept)
+
+    def _init_from(self, path: str) -> None:
+        state = store.load_checkpoint(path)
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise store.CheckpointError(
+                f"train.init_from={path}: its weights do not fit this model ({first[:200]})"
+            ) from None
+        log.info("initialized weights from %s", path)
+
+    def save(self, name: str = "last.pt") -> None:
+        if distributed.is_main():
+            store.save_checkpoint(self.ckpt_dir / name, self.state())
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self, catcher: _SignalCatcher) -> None:
+        cfg = self.cfg
+        rows: dict[str, list] = {}
+        consecutive_bad = 0
+        if self.step == 0 and not (self.ckpt_dir / "last.pt").exists():
+            self.save()  # a good state to roll back to, and a file for resume from the start
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (sys.stdout.isatty() and distributed.is_main()),
+        )
+        t_start = time.perf_counter() - self.elapsed
+        while self.step < self.total_steps:
+            stage_index, stage = stage_at(self.stages, self.step)
+            lr = lr_at(cfg, stage, self.step, self.lr_scale)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.sampler.sample(self.model, stage.n_samples // distributed.world_size())
+            result = train_step(
+                self.model,
+                self.hamiltonian,
+                batch,
+                self.optimizer,
+                chunk_size=cfg.train.chunk_size,
+                grad_clip=cfg.optim.grad_clip,
+            )
+            if not result.is_finite:
+                consecutive_bad += 1
+                log.warning(
+                    "step %d: non-finite %s, update skipped (%d in a row)",
+                    self.step,
+                    "local energy" if math.isnan(result.grad_norm) else "gradient",
+                    consecutive_bad,
+                )
+                if consecutive_bad >= cfg.train.max_nonfinite:
+                    self._flush(rows)
+                    self._rollback()
+                    consecutive_bad = 0
+                    bar.n = self.step
+                    continue
+            else:
+                consecutive_bad = 0
+            values = estimate_observables(batch, result.e_loc, self.hamiltonian)
+            self.elapsed = time.perf_counter() - t_start
+            row = {
+                "step": self.step,
+                "stage": stage_index,
+                "n_samples": batch.n_samples * distributed.world_size(),
+                "wall_time": self.elapsed,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                **values,
+                **{k: v for k, v in batch.info.items() if isinstance(v, (int, float))},
+            }
+            for key, value in row.items():
+                rows.setdefault(key, []).append(value)
+            if math.isfinite(values["energy"]):
+                self.recent = (self.recent + [values["energy"]])[-cfg.train.best_smoothing :]
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix_str(
+                f"E={values['energy']:.5f}±{values['energy_err']:.1e}"
+                f" var={values['energy_variance']:.2e} |m|={values['abs_magnetization']:.3f}",
+                refresh=False,
+            )
+            at_end = self.step == self.total_steps
+            if self.step % cfg.train.log_every == 0 or at_end or catcher.signal_name:
+                self._flush(rows)
+                self._maybe_save_best()
+                log.info(
+                    "step %d/%d  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
+                    self.step,
+                    self.total_steps,
+                    values["energy"],
+                    values["energy_err"],
+                    values["energy_variance"],
+                    values["abs_magnetization"],
+                    lr,
+                )
+            if self.step % cfg.train.checkpoint_every == 0 or at_end or catcher.signal_name:
+                self._flush(rows)
+                self.save()
+            if catcher.signal_name:
+                bar.close()
+                raise InterruptedRunError(
+                    f"{catcher.signal_name}: stopped at step {self.step}/{self.total_steps};"
+                    f" checkpoint and history saved in {self.out_dir}. Resume with:"
+                    f" naqs train resume={self.out_dir}"
+                )
+        bar.close()
+
+    def _flush(self, rows: dict[str, list]) -> None:
+        if rows and distributed.is_main():
+            self.history.append({k: np.asarray(v) for k, v in rows.items()})
+        rows.clear()
+
+    def _maybe_save_best(self) -> None:
+        if len(self.recent) < min(self.cfg.train.best_smoothing, max(self.step, 1)):
+            return
+        smoothed = float(np.mean(self.recent))
+        if smoothed < self.best_energy:
+            self.best_energy = smoothed
+            self.save("best.pt")
+
+    def _rollback(self) -> None:
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.train.max_rollbacks:
+            raise TrainingDivergedError(
+                f"non-finite energies or gradients persisted through"
+                f" {self.cfg.train.max_rollbacks} rollbacks (last at step {self.step}); lower"
+                f" optim.lr (now {self.cfg.optim.lr}) or set optim.grad_clip"
+            )
+        state = store.load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
+        rollbacks = self.rollbacks
+        lr_scale = self.lr_scale * 0.5
+        self._restore(state)
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        log.warning(
+            "rolled back to step %d with the learning rate halved (scale %.3g, rollback %d/%d)",
+            self.step,
+            self.lr_scale,
+            self.rollbacks,
+            self.cfg.train.max_rollbacks,
+        )
+
+
+def train(
+    cfg: DictConfig, out_dir: Path | str, overrides: Sequence[str] | None = None
+) -> TaskResult:
+    """Train a NAQS on a ground-state problem; write history, checkpoints, plot and summary.
+
+    Args:
+        cfg: the composed `train` config.
+        out_dir: the run directory (a resumed run continues in its own directory instead).
+        overrides: the command line's overrides, applied on top of a resumed checkpoint's
+            config (with `resume` set).
+    """
+    out_dir = Path(out_dir)
+    checkpoint = None
+    if cfg.get("resume"):
+        path = store.resolve_checkpoint(cfg.resume)
+        checkpoint = store.load_checkpoint(path)
+        cfg = resume_config(checkpoint["config"], overrides)
+        out_dir = store.run_dir_of(path)
+    build.validate(cfg, "train")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(cfg, out_dir, checkpoint)
+    log.info(
+        "training %s on %s (%d parameters), %d steps, device %s, %s",
+        target_kind(cfg.model),
+        trainer.hamiltonian.describe(),
+        sum(p.numel() for p in trainer.model.parameters()),
+        trainer.total_steps,
+        trainer.device,
+        cfg.dtype,
+    )
+    with _SignalCatcher() as catcher:
+        trainer.run(catcher)
+    return _finish(trainer)
+
+
+def _finish(trainer: _Trainer) -> TaskResult:
+    cfg, out_dir = trainer.cfg, trainer.out_dir
+    values: dict[str, Any] = {}
+    reference = find_reference(cfg, trainer.hamiltonian)
+    model = trainer.model
+    if cfg.train.final_symmetry:
+        model = build.build_model(
+            cfg, trainer.lattice, trainer.device, trainer.dtype, symmetry=cfg.train.final_symmetry
+        )
+        unwrap(model).load_state_dict(unwrap(trainer.model).state_dict())
+    if cfg.train.final_samples > 0 and distributed.is_main():
+        sampler = _final_sampler(cfg, trainer)
+        values = evaluate_model(model, trainer.hamiltonian, sampler, cfg.train.final_samples, 4096)
+        final = dict(values)
+        final["relative_error"] = relative_error(values["energy"], reference)
+        attrs = {"steps": trainer.step, "symmetry": cfg.train.final_symmetry or "as trained"}
+        if reference is not None:
+            final["reference_energy"] = reference.energy
+            attrs["reference_source"] = reference.source
+        trainer.history.write_group("final", final, attrs)
+    if distributed.is_main():
+        from naqs_cli import plots
+
+        try:
+            plots.training_plot(
+                out_dir / "history.h5",
+                out_dir / "training.png",
+                reference.energy if reference else None,
+            )
+        except Exception as err:  # a plot must never lose a finished run
+            log.warning("could not draw training.png: %s", err)
+    title = (
+        f"naqs train: {trainer.hamiltonian.describe()}, {target_kind(cfg.model)},"
+        f" {trainer.step} steps, final evaluation on {values.get('n_samples', 0)} samples"
+    )
+    summary = format_table(values, reference, title) if values else title
+    summary += f"\n  outputs: {out_dir}"
+    log.info("\n%s", summary)
+    return TaskResult(summary, out_dir, values)
+
+
+def _final_sampler(cfg: DictConfig, trainer: _Trainer):
+    from naqs_cli.samplers.direct import DirectSampler
+    from naqs_cli.samplers.fullsum import FullSumSampler
+
+    if target_kind(cfg.sampler) == "fullsum":
+        return FullSumSampler(hamiltonian=trainer.hamiltonian, device=trainer.device)
+    return DirectSampler(seed=int(cfg.seed) + 7919, device=trainer.device)
+
+
+# --- evaluate -----------------------------------------------------------------------------
+def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
+    """Rebuild a trained model from its checkpoint and estimate every observable.
+
+    Only `sampler`, `model.symmetry`, `device`, `dtype`, `n_samples` and `seed` may differ
+    from the stored config (the config schema refuses other keys).
+    """
+    out_dir = Path(out_dir)
+    build.validate(cfg, "evaluate")
+    path = store.resolve_checkpoint(cfg.checkpoint)
+    state = store.load_checkpoint(path)
+    run_cfg = OmegaConf.create(state["config"])
+    run_cfg.resume = None
+    run_cfg.train.init_from = None
+    for key in ("device", "dtype"):
+        if cfg.get(key) is not None:
+            run_cfg[key] = cfg[key]
+    if cfg.model.symmetry is not None:
+        run_cfg.model.symmetry = cfg.model.symmetry
+    kind = cfg.sampler or target_kind(run_cfg.sampler)
+    if kind != target_kind(run_cfg.sampler):
+        from naqs_cli import config as schemas
+
+        node = {
+            "direct": schemas.DirectSamplerConfig,
+            "fullsum": schemas.FullSumSamplerConfig,
+            "mcmc": schemas.MCMCSamplerConfig,
+        }[kind]
+        run_cfg.sampler = OmegaConf.structured(node)
+    run_cfg.sampler.n_samples = int(cfg.n_samples)
+    try:
+        build.validate(run_cfg, "train")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (evaluating {path})") from None
+    device = build.resolve_device(run_cfg.device)
+    dtype = build.resolve_dtype(run_cfg.dtype)
+    lattice = build.build_lattice(run_cfg)
+    hamiltonian = build.build_hamiltonian(run_cfg, lattice)
+    model = build.build_model(run_cfg, lattice, device, dtype)
+    unwrap(model).load_state_dict(state["model"])
+    model.eval()
+    sampler = build.build_sampler(run_cfg, hamiltonian, device, int(cfg.seed))
+    values = evaluate_model(model, hamiltonian, sampler, int(cfg.n_samples), int(cfg.chunk_size))
+    reference = find_reference(run_cfg, hamiltonian)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = dict(values)
+    result["relative_error"] = relative_error(values["energy"], reference)
+    attrs = run_attrs(run_cfg, device)
+    attrs.update(checkpoint=str(path), step=int(state["step"]), sampler=kind)
+    attrs["symmetry"] = str(run_cfg.model.symmetry)
+    if reference is not None:
+        result["reference_energy"] = reference.energy
+        attrs["reference_source"] = reference.source
+    h5 = out_dir / "evaluation.h5"
+    store.write_group(h5, "evaluation", result)
+    store.write_attrs(h5, attrs)
+    title = (
+        f"naqs evaluate: {path} (step {state['step']}), {hamiltonian.describe()},"
+        f" sampler={kind}, symmetry={run_cfg.model.symmetry}, {values['n_samples']} samples"
+    )
+    summary = format_table(values, reference, title) + f"\n  outputs: {h5}"
+    log.info("\n%s", summary)
+    return TaskResult(summary, out_dir, result)
+
+
+# --- exact --------------------------------------------------------------------------------
+def exact(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
+    """Compute the exact ground-state energy per site and observables; write `exact.h5`."""
+    from naqs_cli import exact as exact_module
+
+    out_dir = Path(out_dir)
+    build.validate(cfg, "exact")
+    lattice = build.build_lattice(cfg)
+    hamiltonian = build.build_hamiltonian(cfg, lattice)
+    started = time.perf_counter()
+    result = exact_module.ground_state(hamiltonian, method=cfg.method)
+    seconds = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    h5 = out_dir / "exact.h5"
+    values = {"energy": result.energy_per_site, "energy_total": result.energy}
+    values.update(result.observables)
+    attrs = run_attrs(cfg, torch.device("cpu"))
+    attrs.update(method=result.method, sector=result.sector, seconds=seconds)
+    for name, why in result.missing.items():
+        attrs[f"missing_{name}"] = why
+    store.write_group(h5, "exact", values)
+    store.write_attrs(h5, attrs)
+    observables = "  ".join(f"{k}={v:.8f}" for k, v in result.observables.items())
+    line = (
+        f"{hamiltonian.describe()}: E0/N = {result.energy_per_site:.12f}"
+        f" (E0 = {result.energy:.10f}) [{result.method}, {result.sector}]"
+        + (f"  {observables}" if observables else "")
+    )
+    if result.missing:
+        line += "\n  not available with " + result.method + ": " + ", ".join(result.missing)
+    line += f"\n  outputs: {h5}"
+    log.info(line)
+    return TaskResult(line, out_dir, values)
+
+
+# --- comparisons (issue: MCMC vs exact sampling) ------------------------------------------
+def compare_sampling(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
+    """Compare direct sampling with Markov chains started all-up (paper Fig. 2)."""
+    raise NotImplementedYetError("naqs compare sampling is not implemented yet")
+
+
+def compare_training(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
+    """Train with direct sampling and with MCMC at several k under equal wall time (Fig. 3)."""
+    raise NotImplementedYetError("naqs compare training is not implemented yet")
