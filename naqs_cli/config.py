@@ -140,6 +140,9 @@ class ReferenceConfig:
     energy: float | None = None
     source: str = ""
     naqs_energy: float | None = None
+    # Rows [gamma, energy, naqs_energy, abs_magnetization, naqs_abs_magnetization]: the row
+    # whose gamma equals ham.gamma supplies the reference (paper Table I).
+    table: list[list[float]] | None = None
 
 
 @dataclass

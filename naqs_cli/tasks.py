@@ -121,7 +121,14 @@ def find_reference(cfg: DictConfig, hamiltonian) -> Reference | None:
         result = exact.ground_state(hamiltonian, method="auto")
         return Reference(result.energy_per_site, f"exact ({result.method})", result.observables)
     ref = cfg.get("reference")
-    if ref is not None and ref.get("energy") is not None:
+    if ref is None:
+        return None
+    if ref.get("table") and hamiltonian.name == "tfim":
+        for row in ref.table:
+            if math.isclose(float(row[0]), float(hamiltonian.gamma), abs_tol=1e-9):
+                observables = {"abs_magnetization": float(row[3])} if len(row) > 3 else {}
+                return Reference(float(row[1]), ref.source or "reference", observables)
+    if ref.get("energy") is not None:
         return Reference(float(ref.energy), ref.source or "reference")
     return None
 

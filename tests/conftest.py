@@ -1,0 +1,59 @@
+"""Shared fixtures: config composition, CLI runner, small helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from naqs_cli import CONF_DIR
+from naqs_cli.config import register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose(task: str, overrides: list[str] | None = None):
+    """Compose the primary config `task` with overrides, as the CLI does (no HydraConfig)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=task, overrides=list(overrides or []))
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m naqs_cli ARGS` in a subprocess and return the completed process."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "naqs_cli", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        check=check,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
