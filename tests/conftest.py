@@ -46,7 +46,8 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict 
 
 @pytest.fixture(autouse=True)
 def _cpu_threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Test tensors are small: one thread avoids OpenMP spin-waiting when CPUs are shared.
+    torch.set_num_threads(1)
     yield
 
 
