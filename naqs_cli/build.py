@@ -200,8 +200,8 @@ def validate(cfg: DictConfig, task: str) -> None:
         _int_at_least("n_samples", cfg.n_samples, 1)
         _validate_runtime(cfg, allow_null=True)
     if task == "evaluate":
-        if cfg.sampler is not None:
-            _choice("sampler", cfg.sampler, SAMPLER_KINDS)
+        if cfg.get("sampler") is not None:
+            _choice("sampler", target_kind(cfg.sampler), SAMPLER_KINDS)
         if cfg.model.symmetry is not None:
             _choice("model.symmetry", cfg.model.symmetry, SYMMETRIES)
     if task == "compare_sampling":

@@ -169,7 +169,7 @@ class EvaluateModelOverrides:
 class EvaluateConfig:
     checkpoint: str = MISSING
     n_samples: int = 65536
-    sampler: str | None = None
+    sampler: Any = None
     model: EvaluateModelOverrides = field(default_factory=EvaluateModelOverrides)
     seed: int = 1
     device: str | None = None

@@ -94,7 +94,7 @@ def run_attrs(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         "naqs_version": naqs_cli.__version__,
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "seed": int(cfg.get("seed", 0)),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "device": str(device),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
@@ -610,16 +610,9 @@ def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
             run_cfg[key] = cfg[key]
     if cfg.model.symmetry is not None:
         run_cfg.model.symmetry = cfg.model.symmetry
-    kind = cfg.sampler or target_kind(run_cfg.sampler)
-    if kind != target_kind(run_cfg.sampler):
-        from naqs_cli import config as schemas
-
-        node = {
-            "direct": schemas.DirectSamplerConfig,
-            "fullsum": schemas.FullSumSamplerConfig,
-            "mcmc": schemas.MCMCSamplerConfig,
-        }[kind]
-        run_cfg.sampler = OmegaConf.structured(node)
+    if cfg.get("sampler") is not None:
+        run_cfg.sampler = OmegaConf.create(OmegaConf.to_container(cfg.sampler, resolve=True))
+    kind = target_kind(run_cfg.sampler)
     run_cfg.sampler.n_samples = int(cfg.n_samples)
     try:
         build.validate(run_cfg, "train")
