@@ -1,0 +1,228 @@
+"""Shared machinery of autoregressive wave functions: normalization, constraints, sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from naqs_cli.lattice import SquareLattice
+from naqs_cli.models.constraints import (
+    constrain_log_magnitudes,
+    count_up_before,
+    n_up_for_total_sz,
+)
+
+#: Sampling paths accepted by `AutoregressiveWaveFunction.sample`.
+SAMPLING_METHODS = ("cached", "reference")
+
+
+class AutoregressiveWaveFunction(nn.Module):
+    """A normalized autoregressive wave function (paper Eqs. 2–3).
+
+        Ψ(x) = Π_i ψ_i(x_i | x_<i),
+        ψ_i(s) = exp(a_{i,s} + iφ_{i,s}) / sqrt(Σ_s' exp(2 a_{i,s'})),
+        ln Ψ(x) = Σ_i [a_{i,x_i} + iφ_{i,x_i} − ½ ln Σ_s' exp(2 a_{i,s'})],
+
+    so Σ_s |ψ_i(s)|² = 1 at every site and Σ_x |Ψ(x)|² = 1 (Claim 1). Subclasses only produce
+    the raw per-site outputs a_{i,s} (log-magnitudes) and φ_{i,s} (phases) from x_<i, in
+    `raw_outputs`; this class normalizes them in float64, applies the fixed-Σσᶻ constraint, sums
+    log-conditionals and samples exactly, site by site. Local state index 0 = down, 1 = up.
+
+    Args:
+        lattice: the lattice; sites in row-major order are the autoregressive order.
+        phase: whether the amplitudes carry a phase (False: real positive Ψ).
+        total_sz: fixed Σσᶻ/2 (N/2 + total_sz ups), or None for no constraint.
+
+    Raises:
+        TypeError: `lattice` is not a SquareLattice.
+        ValueError: N/2 + total_sz is not an integer in [0, N].
+    """
+
+    def __init__(self, *, lattice: SquareLattice, phase: bool, total_sz: float | None) -> None:
+        super().__init__()
+        if not isinstance(lattice, SquareLattice):
+            raise TypeError(f"lattice must be a SquareLattice, got {type(lattice).__name__}")
+        self.lattice = lattice
+        self.n_sites = lattice.n_sites
+        self.phase = bool(phase)
+        self.total_sz = total_sz
+        self.n_up = n_up_for_total_sz(self.n_sites, total_sz)
+
+    @property
+    def has_phase(self) -> bool:
+        """Whether Ψ is complex (False: real positive amplitudes, Im ln Ψ = 0)."""
+        return self.phase
+
+    def _parameter_like(self) -> Tensor:
+        return next(self.parameters())
+
+    def spins(self, x: Tensor) -> Tensor:
+        """Return x as ±1 values in the parameters' dtype and device.
+
+        Args:
+            x: (B, N) int8 configurations, 1 = up.
+
+        Returns:
+            (B, N) float tensor, +1 = up, −1 = down.
+        """
+        if x.shape[-1] != self.n_sites:
+            raise ValueError(f"expected configurations with {self.n_sites} sites, got {x.shape}")
+        like = self._parameter_like()
+        return 2 * x.to(device=like.device, dtype=like.dtype) - 1
+
+    def raw_outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Return the unnormalized per-site outputs, entry i depending on x[:, :i] only.
+
+        Args:
+            x: (B, N) int8 configurations.
+
+        Returns:
+            log-magnitudes a (B, N, 2) and phases φ (B, N, 2) or None without phase, in the
+            parameters' dtype.
+        """
+        raise NotImplementedError
+
+    def log_conditionals(
+        self, log_magnitude: Tensor, phase: Tensor | None, n_up_before: Tensor, site: Tensor | int
+    ) -> Tensor:
+        """Turn raw outputs into normalized complex log-conditionals (Eq. 3), in float64.
+
+        Args:
+            log_magnitude: (..., 2) raw log-magnitudes a_{i,s}.
+            phase: (..., 2) raw phases φ_{i,s}, or None.
+            n_up_before: (...) int64 ups before the site (used only with total_sz).
+            site: (...) int64 or int site index (used only with total_sz).
+
+        Returns:
+            (..., 2) complex128 ln ψ_i(s).
+        """
+        log_magnitude = constrain_log_magnitudes(
+            log_magnitude.double(), n_up_before, site, self.n_sites, self.n_up
+        )
+        real = log_magnitude - 0.5 * torch.logsumexp(2 * log_magnitude, dim=-1, keepdim=True)
+        imag = torch.zeros_like(real) if phase is None else phase.double()
+        return torch.complex(real, imag)
+
+    def conditionals(self, x: Tensor) -> Tensor:
+        """Return the normalized conditional log-amplitudes ln ψ_i(s | x_<i).
+
+        Args:
+            x: (B, N) int8 configurations, 1 = up.
+
+        Returns:
+            (B, N, 2) complex128; index 0 = down, 1 = up; Σ_s |ψ_i(s)|² = 1.
+        """
+        log_magnitude, phase = self.raw_outputs(x)
+        x = x.to(log_magnitude.device)
+        site = torch.arange(self.n_sites, device=x.device)
+        return self.log_conditionals(log_magnitude, phase, count_up_before(x), site)
+
+    def log_psi(self, x: Tensor) -> Tensor:
+        """Return ln Ψ(x) = Σ_i ln ψ_i(x_i | x_<i), summed in float64 (keeps the graph).
+
+        Args:
+            x: (B, N) int8 configurations, 1 = up.
+
+        Returns:
+            (B,) complex128.
+        """
+        cond = self.conditionals(x)
+        index = x.to(device=cond.device, dtype=torch.long).unsqueeze(-1)
+        return cond.gather(-1, index).squeeze(-1).sum(dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Alias of `log_psi`."""
+        return self.log_psi(x)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+        *,
+        method: str = "cached",
+    ) -> tuple[Tensor, Tensor]:
+        """Draw exact i.i.d. samples from |Ψ|² by ancestral sampling.
+
+        All uniforms u (n_samples, N) float64 are drawn up front with one `torch.rand`; site i
+        is up iff u_i < |ψ_i(up | x_<i)|². Both methods therefore give identical
+        configurations for the same generator state.
+
+        Args:
+            n_samples: number of configurations B.
+            generator: random source on the model's device (None: torch's default one).
+            method: "cached" (fast path, Fig. 1b; falls back to "reference" for models
+                without one) or "reference" (one full forward pass per site).
+
+        Returns:
+            x (B, N) int8 and its ln Ψ (B,) complex128, detached.
+
+        Raises:
+            ValueError: an unknown method.
+        """
+        if method not in SAMPLING_METHODS:
+            raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
+        device = self._parameter_like().device
+        uniforms = torch.rand(
+            n_samples, self.n_sites, generator=generator, dtype=torch.float64, device=device
+        )
+        if method == "cached":
+            return self._sample_cached(uniforms)
+        return self._sample_reference(uniforms)
+
+    def sample_site(
+        self,
+        log_magnitude: Tensor,
+        phase: Tensor | None,
+        n_up_before: Tensor,
+        site: int,
+        uniforms: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw site `site` of every sample from its conditional.
+
+        With d = 2(a_up − a_down) after the constraint, |ψ_i(up)|² = sigmoid(d) and
+        ln |ψ_i(s)| = −½ softplus(∓d): two-state forms of Eq. 3, cheaper than `log_conditionals`
+        on large batches and equal to it up to rounding.
+
+        Args:
+            log_magnitude: (B, 2) raw log-magnitudes of the site.
+            phase: (B, 2) raw phases, or None.
+            n_up_before: (B,) int64 ups among the sites already drawn.
+            site: the site index i.
+            uniforms: (B,) float64 uniforms u_i.
+
+        Returns:
+            up (B,) bool (u_i < |ψ_i(up)|²), and the chosen ln |ψ_i| and phase, (B,) float64.
+        """
+        log_magnitude = constrain_log_magnitudes(
+            log_magnitude.double(), n_up_before, site, self.n_sites, self.n_up
+        )
+        logit = 2 * (log_magnitude[:, 1] - log_magnitude[:, 0])
+        is_up = uniforms < torch.sigmoid(logit)
+        log_abs = -0.5 * F.softplus(torch.where(is_up, -logit, logit))
+        if phase is None:
+            return is_up, log_abs, torch.zeros_like(log_abs)
+        return is_up, log_abs, torch.where(is_up, phase[:, 1], phase[:, 0]).double()
+
+    def _sample_reference(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        n_samples = uniforms.shape[0]
+        x = torch.zeros(n_samples, self.n_sites, dtype=torch.int8, device=uniforms.device)
+        n_up = torch.zeros(n_samples, dtype=torch.long, device=uniforms.device)
+        log_abs = torch.zeros(n_samples, dtype=torch.float64, device=uniforms.device)
+        phase_sum = torch.zeros_like(log_abs)
+        for i in range(self.n_sites):
+            # Sites ≥ i still hold 0 (down); the network cannot see them.
+            log_magnitude, phase = self.raw_outputs(x)
+            is_up, log_abs_i, phase_i = self.sample_site(
+                log_magnitude[:, i], None if phase is None else phase[:, i], n_up, i, uniforms[:, i]
+            )
+            x[:, i] = is_up
+            n_up += is_up
+            log_abs += log_abs_i
+            phase_sum += phase_i
+        return x, torch.complex(log_abs, phase_sum)
+
+    def _sample_cached(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        """Fast sampling path; models without cached activations use the reference path."""
+        return self._sample_reference(uniforms)
