@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naqs_cli.lattice import SquareLattice
@@ -127,9 +126,24 @@ class AutoregressiveWaveFunction(nn.Module):
         Returns:
             (B,) complex128.
         """
-        cond = self.conditionals(x)
-        index = x.to(device=cond.device, dtype=torch.long).unsqueeze(-1)
-        return cond.gather(-1, index).squeeze(-1).sum(dim=-1)
+        log_magnitude, phase = self.raw_outputs(x)
+        return self.log_psi_from_raw(log_magnitude, phase, x)
+
+    def log_psi_from_raw(self, log_magnitude: Tensor, phase: Tensor | None, x: Tensor) -> Tensor:
+        """Return ln Ψ(x) from raw outputs computed on x (what `log_psi` and `sample` share).
+
+        Args:
+            log_magnitude: (B, N, 2) raw log-magnitudes a_{i,s}.
+            phase: (B, N, 2) raw phases φ_{i,s}, or None.
+            x: (B, N) int8 configurations the outputs belong to.
+
+        Returns:
+            (B,) complex128.
+        """
+        x = x.to(log_magnitude.device)
+        site = torch.arange(self.n_sites, device=x.device)
+        cond = self.log_conditionals(log_magnitude, phase, count_up_before(x), site)
+        return cond.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).sum(dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Alias of `log_psi`."""
@@ -172,56 +186,38 @@ class AutoregressiveWaveFunction(nn.Module):
         return self._sample_reference(uniforms)
 
     def sample_site(
-        self,
-        log_magnitude: Tensor,
-        phase: Tensor | None,
-        n_up_before: Tensor,
-        site: int,
-        uniforms: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, log_magnitude: Tensor, n_up_before: Tensor | None, site: int, uniforms: Tensor
+    ) -> Tensor:
         """Draw site `site` of every sample from its conditional.
 
-        With d = 2(a_up − a_down) after the constraint, |ψ_i(up)|² = sigmoid(d) and
-        ln |ψ_i(s)| = −½ softplus(∓d): two-state forms of Eq. 3, cheaper than `log_conditionals`
-        on large batches and equal to it up to rounding.
+        Both sampling paths call this, so they take the same decisions from the same uniforms.
 
         Args:
             log_magnitude: (B, 2) raw log-magnitudes of the site.
-            phase: (B, 2) raw phases, or None.
-            n_up_before: (B,) int64 ups among the sites already drawn.
+            n_up_before: (B,) int64 ups among the sites already drawn (None without total_sz).
             site: the site index i.
             uniforms: (B,) float64 uniforms u_i.
 
         Returns:
-            up (B,) bool (u_i < |ψ_i(up)|²), and the chosen ln |ψ_i| and phase, (B,) float64.
+            (B,) bool, up iff u_i < |ψ_i(up)|² = sigmoid(2(a_up − a_down)) (after the constraint).
         """
         log_magnitude = constrain_log_magnitudes(
             log_magnitude.double(), n_up_before, site, self.n_sites, self.n_up
         )
-        logit = 2 * (log_magnitude[:, 1] - log_magnitude[:, 0])
-        is_up = uniforms < torch.sigmoid(logit)
-        log_abs = -0.5 * F.softplus(torch.where(is_up, -logit, logit))
-        if phase is None:
-            return is_up, log_abs, torch.zeros_like(log_abs)
-        return is_up, log_abs, torch.where(is_up, phase[:, 1], phase[:, 0]).double()
+        return uniforms < torch.sigmoid(2 * (log_magnitude[:, 1] - log_magnitude[:, 0]))
 
     def _sample_reference(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
         n_samples = uniforms.shape[0]
         x = torch.zeros(n_samples, self.n_sites, dtype=torch.int8, device=uniforms.device)
         n_up = torch.zeros(n_samples, dtype=torch.long, device=uniforms.device)
-        log_abs = torch.zeros(n_samples, dtype=torch.float64, device=uniforms.device)
-        phase_sum = torch.zeros_like(log_abs)
         for i in range(self.n_sites):
             # Sites ≥ i still hold 0 (down); the network cannot see them.
             log_magnitude, phase = self.raw_outputs(x)
-            is_up, log_abs_i, phase_i = self.sample_site(
-                log_magnitude[:, i], None if phase is None else phase[:, i], n_up, i, uniforms[:, i]
-            )
+            is_up = self.sample_site(log_magnitude[:, i], n_up, i, uniforms[:, i])
             x[:, i] = is_up
             n_up += is_up
-            log_abs += log_abs_i
-            phase_sum += phase_i
-        return x, torch.complex(log_abs, phase_sum)
+        # Output i of the last pass saw the final x_<i: it is the conditional of every site.
+        return x, self.log_psi_from_raw(log_magnitude, phase, x)
 
     def _sample_cached(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
         """Fast sampling path; models without cached activations use the reference path."""

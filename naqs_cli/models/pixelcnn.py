@@ -177,9 +177,10 @@ class PixelCNN(AutoregressiveWaveFunction):
             start_row(i, 0, None)
 
         x = torch.zeros(n_batch, self.n_sites, dtype=torch.int8, device=device)
-        n_up = torch.zeros(n_batch, dtype=torch.long, device=device)
-        log_abs = torch.zeros(n_batch, dtype=torch.float64, device=device)
-        phase_sum = torch.zeros_like(log_abs)
+        n_up = None if self.n_up is None else torch.zeros(n_batch, dtype=torch.long, device=device)
+        raw = torch.empty(n_batch, self.n_sites, self.n_outputs, dtype=dtype, device=device)
+        spin_up = torch.ones((), dtype=dtype, device=device)
+        spin_down = -spin_up
         m_last = mats[last]
         a_first = torch.relu(m_last.a_b)  # a at column 0 of the last layer (shifted-in zero)
         for r in range(n_rows):
@@ -194,17 +195,14 @@ class PixelCNN(AutoregressiveWaveFunction):
                     torch.addmm(m_last.a_b, t, m_last.a_w, out=a_row[last][:, p + c]).relu_()
                 window = a_row[last][:, c : c + k].flatten(1)
                 hidden = torch.addmm(row_part[last][:, c], window, m_last.out_a).relu_()
-                out = torch.addmm(head_b, hidden, head_w)  # (B, n_outputs)
-                is_up, log_abs_i, phase_i = self.sample_site(
-                    out[:, :2], out[:, 2:] if self.phase else None, n_up, site, uniforms[:, site]
-                )
+                out = torch.addmm(head_b, hidden, head_w, out=raw[:, site])  # (B, n_outputs)
+                is_up = self.sample_site(out[:, :2], n_up, site, uniforms[:, site])
                 x[:, site] = is_up
-                n_up += is_up
-                log_abs += log_abs_i
-                phase_sum += phase_i
+                if n_up is not None:
+                    n_up += is_up
                 if site == self.n_sites - 1:
                     break
-                h_row[0][:, p + c, 0] = 2 * is_up.to(dtype) - 1
+                torch.where(is_up, spin_up, spin_down, out=h_row[0][:, p + c, 0])
                 # Inclusive layers: H_{l+1}(r, c) now that x(r, c) is known.
                 for i in range(last):
                     m = mats[i]
@@ -234,7 +232,8 @@ class PixelCNN(AutoregressiveWaveFunction):
                     if source is not None:
                         v += v_ring[source][:, h : h + n_cols, slot]
                     v_ring[i + 1][:, h : h + n_cols, slot] = v.relu_()
-        return x, torch.complex(log_abs, phase_sum)
+        phase = raw[..., 2:] if self.phase else None
+        return x, self.log_psi_from_raw(raw[..., :2], phase, x)
 
 
 @dataclass(frozen=True)
