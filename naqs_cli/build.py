@@ -26,6 +26,21 @@ MCMC_INITS = ("random", "up", "down")
 MCMC_MOVES = ("auto", "flip", "exchange")
 SAMPLER_KINDS = ("direct", "fullsum", "mcmc")
 DIRECT_METHODS = ("cached", "reference")
+#: What `naqs evaluate` may change of the stored config (DESIGN.md), for messages.
+EVALUATE_OVERRIDABLE = "n_samples, sampler, model.symmetry, device, dtype, seed, chunk_size"
+#: Top-level keys of `naqs evaluate` (DESIGN.md: all else comes from the checkpoint).
+EVALUATE_KEYS = (
+    "checkpoint",
+    "n_samples",
+    "sampler",
+    "model",
+    "seed",
+    "device",
+    "dtype",
+    "chunk_size",
+)
+#: Largest `seed` (samplers add 1000·rank and small offsets; torch takes < 2^63).
+MAX_SEED = 2**62
 
 
 class ConfigError(ValueError):
@@ -192,14 +207,22 @@ def validate(cfg: DictConfig, task: str) -> None:
         _validate_train(cfg)
         _validate_runtime(cfg)
         if cfg.resume is not None:
-            _validate_path("resume", cfg.resume)
+            validate_path("resume", cfg.resume)
     if task == "exact":
         _validate_exact(cfg, lattice, ham_kind)
     if task in ("evaluate", "compare_sampling"):
-        _validate_path("checkpoint", cfg.checkpoint)
+        validate_path("checkpoint", cfg.checkpoint)
         _int_at_least("n_samples", cfg.n_samples, 1)
         _validate_runtime(cfg, allow_null=True)
     if task == "evaluate":
+        extra = [k for k in cfg if k not in EVALUATE_KEYS]
+        extra += [f"model.{k}" for k in cfg.model if k != "symmetry"]
+        if extra:
+            raise ConfigError(
+                f"{extra[0]}: evaluate uses the checkpoint's config and may change only"
+                f" {EVALUATE_OVERRIDABLE}"
+            )
+        _int_at_least("chunk_size", cfg.chunk_size, 1)
         if cfg.get("sampler") is not None:
             _choice("sampler", target_kind(cfg.sampler), SAMPLER_KINDS)
         if cfg.model.symmetry is not None:
@@ -210,17 +233,48 @@ def validate(cfg: DictConfig, task: str) -> None:
         _int_at_least("sweeps_between_samples", cfg.sweeps_between_samples, 1)
         _int_at_least("burn_in", cfg.burn_in, 0)
         _choice("init", cfg.init, MCMC_INITS)
+        if cfg.symmetry is not None:
+            _choice("symmetry", cfg.symmetry, SYMMETRIES)
+        _int_at_least("chunk_size", cfg.chunk_size, 1)
     if task == "compare_training":
         ks = list(cfg.compare.ks)
         if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
             _fail("compare.ks", ks, "must be a non-empty list of integers >= 1")
         _int_at_least("compare.n_chains", cfg.compare.n_chains, 1)
+        _int_at_least("compare.burn_in", cfg.compare.burn_in, 0)
+        _choice("compare.init", cfg.compare.init, MCMC_INITS)
         _positive("compare.wall_time", cfg.compare.wall_time)
         if cfg.compare.max_steps is not None:
             _int_at_least("compare.max_steps", cfg.compare.max_steps, 1)
+        if target_kind(cfg.sampler) != "direct":
+            _fail(
+                "sampler",
+                target_kind(cfg.sampler),
+                "compare training runs direct sampling itself and builds its MCMC runs from"
+                " compare.*; use sampler=direct (sampler.n_samples sets the batch of every run)",
+            )
+        if ham_kind == "heisenberg" and cfg.compare.init in ("up", "down"):
+            _fail(
+                "compare.init",
+                cfg.compare.init,
+                "the MCMC runs use exchange moves (H conserves Σσᶻ), which cannot leave a fully"
+                " polarized state; use compare.init=random",
+            )
+        if ham_kind == "tfim" and float(cfg.ham.gamma) == 0 and cfg.compare.init != "random":
+            _fail(
+                "compare.init",
+                cfg.compare.init,
+                "at ham.gamma=0 the TFIM conserves Σσᶻ and the MCMC runs use exchange moves,"
+                " which cannot leave a fully polarized state; use compare.init=random",
+            )
 
 
-def _validate_path(key: str, value: Any) -> None:
+def validate_path(key: str, value: Any) -> None:
+    """Check that `value` names a checkpoint file or a run directory holding one.
+
+    Raises:
+        ConfigError: naming `key`.
+    """
     if value is None or str(value).strip() in ("", "???"):
         _fail(key, value, "give a checkpoint file or run directory")
     path = Path(str(value)).expanduser()
@@ -260,6 +314,11 @@ def _validate_ham(cfg: DictConfig, lattice: SquareLattice) -> str:
     return kind
 
 
+def _conserves_sz(cfg: DictConfig, ham_kind: str) -> bool:
+    """Return whether the Hamiltonian conserves Σσᶻ (Heisenberg; TFIM only at gamma = 0)."""
+    return ham_kind == "heisenberg" or float(cfg.ham.gamma) == 0.0
+
+
 def _sign_rule_on(cfg: DictConfig, lattice: SquareLattice) -> bool:
     rule = normalize_sign_rule(cfg.ham.sign_rule)
     if rule == "auto":
@@ -272,7 +331,7 @@ def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> N
     kind = target_kind(model)
     _int_at_least("model.layers", model.layers, 1)
     if kind == "pixelcnn":
-        _int_at_least("model.channels", model.channels, 1)
+        _int_at_least("model.channels", model.channels, 2)
         k = model.kernel_size
         if not isinstance(k, int) or k < 3 or k % 2 == 0:
             _fail("model.kernel_size", k, "must be an odd integer >= 3")
@@ -281,12 +340,13 @@ def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> N
     _choice("model.symmetry", model.symmetry, SYMMETRIES)
     n_sites = lattice.n_sites
     if model.total_sz is not None:
-        if ham_kind != "heisenberg":
+        _finite("model.total_sz", model.total_sz)
+        if not _conserves_sz(cfg, ham_kind):
             _fail(
                 "model.total_sz",
                 model.total_sz,
-                f"a fixed Σσᶻ sector needs a Hamiltonian that conserves it (ham=heisenberg);"
-                f" ham={ham_kind} does not: use model.total_sz=null",
+                f"a fixed Σσᶻ sector needs a Hamiltonian that conserves it (ham=heisenberg, or"
+                f" tfim at gamma=0); ham={ham_kind} does not: use model.total_sz=null",
             )
         n_up = n_sites / 2 + float(model.total_sz)
         if not float(n_up).is_integer() or not 0 <= n_up <= n_sites:
@@ -295,31 +355,73 @@ def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> N
                 model.total_sz,
                 f"Σσᶻ/2 must make N/2 + total_sz an integer in [0, N] (N = {n_sites})",
             )
-    if "spin_flip" in model.symmetry and model.total_sz not in (None, 0):
+    _validate_symmetry("model.symmetry", model.symmetry, model.total_sz)
+    final_symmetry = cfg.train.get("final_symmetry") if "train" in cfg else None
+    if final_symmetry is not None:
+        _validate_symmetry("train.final_symmetry", final_symmetry, model.total_sz)
+    if not model.phase:
+        _validate_positive_ground_state(cfg, lattice, ham_kind)
+    marshall_matters = (
+        ham_kind == "heisenberg"
+        and not _sign_rule_on(cfg, lattice)
+        and lattice.is_bipartite
+        and float(cfg.ham.J) > 0
+    )
+    for key, symmetry in (
+        ("model.symmetry", model.symmetry),
+        ("train.final_symmetry", final_symmetry),
+    ):
+        if (
+            marshall_matters
+            and symmetry not in (None, "none")
+            and _marshall_breaking(lattice, symmetry, model.total_sz)
+        ):
+            _fail(
+                key,
+                symmetry,
+                "without the sign rule the target state changes sign under some symmetry"
+                " operation, which the symmetrized phase cannot represent; use"
+                " ham.sign_rule=true or none",
+            )
+
+
+def _validate_symmetry(key: str, symmetry: Any, total_sz: Any) -> None:
+    _choice(key, symmetry, SYMMETRIES)
+    if "spin_flip" in symmetry and total_sz not in (None, 0):
         _fail(
-            "model.symmetry",
-            model.symmetry,
-            f"spin flips leave no sector with total_sz={model.total_sz} invariant; use"
-            " model.total_sz=0 or null, or model.symmetry=none|lattice",
+            key,
+            symmetry,
+            f"spin flips leave no sector with total_sz={total_sz} invariant; use"
+            " model.total_sz=0 or null, or none|lattice",
         )
-    if ham_kind == "heisenberg" and not _sign_rule_on(cfg, lattice):
-        if not model.phase and float(cfg.ham.J) > 0:
+
+
+def _validate_positive_ground_state(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
+    """Refuse model.phase=false where the ground state has signs in the sampled basis."""
+    if ham_kind == "tfim":
+        if float(cfg.ham.gamma) < 0:
             _fail(
                 "model.phase",
                 False,
-                "the antiferromagnetic Heisenberg ground state has signs; use model.phase=true"
-                " or ham.sign_rule=auto|true (bipartite lattices)",
+                "with ham.gamma < 0 the TFIM ground state has signs (-1)^(number of down"
+                " spins); use model.phase=true or ham.gamma >= 0",
             )
-        if model.symmetry != "none" and lattice.is_bipartite and float(cfg.ham.J) > 0:
-            bad = _marshall_breaking(lattice, model.symmetry, model.total_sz)
-            if bad:
-                _fail(
-                    "model.symmetry",
-                    model.symmetry,
-                    "without the sign rule the target state changes sign under some symmetry"
-                    " operation, which the symmetrized phase cannot represent; use"
-                    " ham.sign_rule=true or model.symmetry=none",
-                )
+        return
+    J, sign_on = float(cfg.ham.J), _sign_rule_on(cfg, lattice)
+    if J > 0 and not sign_on:
+        _fail(
+            "model.phase",
+            False,
+            "the antiferromagnetic Heisenberg ground state has signs; use model.phase=true"
+            " or ham.sign_rule=auto|true (bipartite lattices)",
+        )
+    if J < 0 and sign_on:
+        _fail(
+            "model.phase",
+            False,
+            "with ham.J < 0 (ferromagnet) the ground state is positive only without the sign"
+            " rule; use ham.sign_rule=auto|false or model.phase=true",
+        )
 
 
 def _marshall_breaking(lattice: SquareLattice, symmetry: str, total_sz: Any) -> bool:
@@ -363,8 +465,23 @@ def _validate_sampler(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) ->
         _choice("sampler.init", cfg.sampler.init, MCMC_INITS)
         _choice("sampler.move", cfg.sampler.move, MCMC_MOVES)
         move = cfg.sampler.move
+        conserves = _conserves_sz(cfg, ham_kind)
         if move == "auto":
-            move = "exchange" if ham_kind == "heisenberg" else "flip"
+            move = "exchange" if conserves else "flip"
+        if move == "exchange" and not conserves:
+            _fail(
+                "sampler.move",
+                "exchange",
+                f"exchange moves keep Σσᶻ fixed, but ham={ham_kind} does not conserve it, so the"
+                " chains could not reach the ground state; use sampler.move=flip or auto",
+            )
+        if move == "exchange" and not lattice.bonds:
+            _fail(
+                "sampler.move",
+                "exchange",
+                f"exchange moves swap spins along bonds, and {lattice.describe()} has none;"
+                " use a larger lattice or sampler.move=flip",
+            )
         if move == "flip" and cfg.model.total_sz is not None:
             _fail(
                 "sampler.move",
@@ -394,6 +511,8 @@ def _validate_optim(cfg: DictConfig) -> None:
             _fail("optim.betas", betas, "must be two numbers in [0, 1)")
     if target_kind(cfg.optim) == "sgd":
         _finite("optim.momentum", cfg.optim.momentum)
+        if cfg.optim.momentum < 0:
+            _fail("optim.momentum", cfg.optim.momentum, "must be >= 0")
 
 
 def _validate_train(cfg: DictConfig) -> None:
@@ -414,10 +533,13 @@ def _validate_train(cfg: DictConfig) -> None:
             _int_at_least(f"train.stages[{i}].n_samples", stage.n_samples, 1)
             _positive(f"train.stages[{i}].lr", stage.lr)
     if train.init_from is not None:
-        _validate_path("train.init_from", train.init_from)
+        validate_path("train.init_from", train.init_from)
 
 
 def _validate_runtime(cfg: DictConfig, allow_null: bool = False) -> None:
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        _fail("seed", seed, "must be an integer in [0, 2^62]")
     if not (allow_null and cfg.device is None):
         _choice("device", cfg.device, DEVICES)
         if cfg.device == "cuda" and not torch.cuda.is_available():

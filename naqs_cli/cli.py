@@ -9,6 +9,7 @@ naqs exact [overrides]               exact ground state (ED or free fermions)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -191,21 +192,39 @@ def _expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+@functools.cache
+def _register_configs_once() -> None:
+    from naqs_cli.config import register_configs
+
+    register_configs()
+
+
 def _compose(task: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from naqs_cli import CONF_DIR
-    from naqs_cli.config import register_configs
 
-    register_configs()
+    _register_configs_once()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=task, overrides=overrides)
+        try:
+            return compose(config_name=task, overrides=overrides)
+        except ValueError as err:  # Hydra's plain ValueErrors, e.g. for `sampler=null`
+            groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+            odd = [o for o in groups if not o.split("=", 1)[-1].isidentifier()]
+            where = ", ".join(odd or groups or overrides)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "invalid"
+            raise UserError(f"{where}: {reason} (a config group takes an option name)") from None
 
 
 def _prevalidate(task: str, flags: list[str], overrides: list[str]) -> None:
-    """Compose and validate every job's config before Hydra creates any run directory."""
+    """Compose and validate every job's config before Hydra creates any run directory.
+
+    Checkpoints named by the config (`checkpoint`, `resume`, `train.init_from`) are loaded
+    and checked here too, so a bad file or an override it cannot take writes nothing.
+    """
+    from naqs_cli import store, tasks
     from naqs_cli.build import validate
 
     multirun = any(f in ("-m", "--multirun") for f in flags)
@@ -213,15 +232,59 @@ def _prevalidate(task: str, flags: list[str], overrides: list[str]) -> None:
     for job in jobs:
         job = [o for o in job if not o.startswith("hydra/") and not o.startswith("hydra.")]
         cfg = _compose(task, job)
-        if cfg.get("resume"):
-            continue  # the checkpoint's config is validated when it is loaded
+        if task == "train" and cfg.get("resume"):
+            tasks.prepare_resume(cfg.resume, job)
+            continue
+        if task == "evaluate":
+            tasks.evaluate_config(cfg)
+            continue
         validate(cfg, task)
+        if task == "compare_sampling":
+            store.load_checkpoint(cfg.checkpoint)
+        if task in ("train", "compare_training"):
+            tasks.check_init_from(cfg)
+        if task == "train" and not multirun:
+            run_dir = _hydra_run_dir(overrides)
+            if run_dir is not None:
+                tasks.check_new_run_dir(run_dir)
 
 
-def _one_line(err: BaseException) -> str:
+def _hydra_run_dir(overrides: list[str]) -> str | None:
+    """Return the value of a `hydra.run.dir=` override, if given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    wanted = [o for o in overrides if o.startswith("hydra.run.dir=")]
+    if not wanted:
+        return None
+    value = OverridesParser.create().parse_overrides(wanted[-1:])[0].value()
+    return str(value) if value else None
+
+
+def check_overrides(task: str, overrides: list[str], flags: list[str] | None = None) -> str | None:
+    """Return the one-line error the CLI prints for these overrides, or None if they are valid.
+
+    This is exactly the check `main` runs before Hydra creates anything (composition with
+    type checking, `build.validate`, the checkpoints the config names), so tests can call it
+    in-process.
+
+    Args:
+        task: the primary config (train, evaluate, compare_sampling, compare_training, exact).
+        overrides: key=value overrides as given on the command line (paths not yet quoted).
+        flags: Hydra flags such as -m.
+    """
+    try:
+        _prevalidate(task, list(flags or []), _quote_paths(list(overrides)))
+    except _user_error_types() as err:
+        return _one_line(err, task)
+    return None
+
+
+def _one_line(err: BaseException, task: str | None = None) -> str:
     """Return a one-line description of a Hydra/OmegaConf/naqs user error."""
     from hydra.errors import MissingConfigException
 
+    if isinstance(err, UserError):
+        return str(err).strip().splitlines()[0]
     if isinstance(err, MissingConfigException):
         options = [o for o in (err.options or []) if not o.startswith("base_")]
         name = err.missing_cfg_file or ""
@@ -236,6 +299,13 @@ def _one_line(err: BaseException) -> str:
     cause = err.__cause__ or err.__context__
     if first.startswith("Could not override '") or "not in struct" in text:
         key = first.split("'")[1] if "'" in first else "?"
+        if task == "evaluate":
+            from naqs_cli.build import EVALUATE_OVERRIDABLE
+
+            return (
+                f"{key}: evaluate uses the checkpoint's config and may change only"
+                f" {EVALUATE_OVERRIDABLE} (pick a sampler option before setting its keys)"
+            )
         return (
             f"{key}: unknown key; `naqs <command> --cfg job` lists the keys"
             " (prefix with + only to add keys on purpose)"
@@ -244,9 +314,11 @@ def _one_line(err: BaseException) -> str:
         override = first.removeprefix("Error merging override").strip()
         reason = str(cause).strip().splitlines()[0]
         return f"{override}: {reason}"
-    if cause is not None and "Missing mandatory value" in str(cause):
-        key = str(cause).split(":")[-1].strip()
-        return f"{key}: missing; give it on the command line"
+    for candidate in (first, str(cause or "").strip().splitlines()[0] if cause else ""):
+        if candidate.startswith("Missing mandatory value:"):
+            key = candidate.split(":", 1)[1].strip()
+            if key and "$" not in key:
+                return f"{key}: missing; give it on the command line"
     if "Missing mandatory value" in first:
         return f"{first} (give it on the command line)"
     return first
@@ -276,6 +348,14 @@ def _fail(command: str, message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _os_error_line(err: OSError) -> str:
+    """Return one line for a failed read or write, naming the file."""
+    text = str(err.strerror or err).strip()
+    if err.filename and str(err.filename) not in text:
+        text += f": {err.filename}"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -297,13 +377,14 @@ def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
                 result = getattr(tasks, task)(cfg, out_dir)
         except tasks.InterruptedRunError as err:
             sys.stderr.write(f"naqs {command}: {err}\n")
-            raise SystemExit(130) from None
+            sys.stderr.flush()
+            raise SystemExit(err.exit_code) from None
         except tasks.TrainingDivergedError as err:
             _fail(command, str(err), code=3)
         except OSError as err:
-            _fail(command, str(err), code=1)
+            _fail(command, _os_error_line(err), code=1)
         except user_errors as err:
-            _fail(command, _one_line(err))
+            _fail(command, _one_line(err, task))
         print(result.summary, flush=True)
 
     sys.argv = [f"naqs {command}", *hydra_args]
@@ -311,7 +392,12 @@ def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `naqs` console script."""
+    """Entry point of the `naqs` console script.
+
+    Exit codes: 0 done, 1 a failed read or write (disk full, unwritable directory), 2 a user
+    error (one line on stderr, nothing written), 3 training diverged, 128 + signal number
+    after SIGINT/SIGTERM (the checkpoint is written; the message says how to resume).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     try:
@@ -320,13 +406,19 @@ def main(argv: list[str] | None = None) -> None:
         overrides = _quote_paths(_rewrite_checkpoint(task, positional))
         os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves
         if not any(f in INFO_FLAGS or f.startswith("--cfg") for f in flags):
-            _prevalidate(task, flags, overrides)
+            message = check_overrides(task, overrides, flags)
+            if message is not None:
+                _fail(command, message)
         overrides = _resume_run_dir(task, flags, overrides)
         _run_hydra(command, task, flags + overrides)
     except UserError as err:
         _fail(command, str(err))
     except _user_error_types() as err:
         _fail(command, _one_line(err))
+    except OSError as err:  # e.g. Hydra cannot create the run directory
+        _fail(command, _os_error_line(err), code=1)
+    except KeyboardInterrupt:
+        _fail(command, "interrupted", code=130)
 
 
 if __name__ == "__main__":

@@ -186,13 +186,17 @@ class ExactConfig:
 
 @dataclass
 class CompareSamplingConfig:
+    """`naqs compare sampling CHECKPOINT`: direct samples vs Markov chains (paper Fig. 2)."""
+
     checkpoint: str = MISSING
-    n_samples: int = 16384
-    n_chains: int = 8
+    n_samples: int = 16384  # direct (i.i.d.) samples
+    n_chains: int = 4  # the paper's Fig. 2 shows four chains
     samples_per_chain: int = 512
-    sweeps_between_samples: int = 1
-    burn_in: int = 20
-    init: str = "up"
+    sweeps_between_samples: int = 1  # k: sweeps (N proposals each) between kept samples
+    burn_in: int = 20  # sweeps discarded first (the chains stay in their start's mode)
+    init: str = "up"  # up | down | random (Σσᶻ-conserving H: up/down = the two Néel states)
+    symmetry: str | None = None  # overrides the stored model.symmetry (e.g. spin_flip)
+    chunk_size: int = 4096  # configurations per network pass
     seed: int = 1
     device: str | None = None
     dtype: str | None = None
@@ -200,11 +204,12 @@ class CompareSamplingConfig:
 
 @dataclass
 class CompareTrainingSection:
-    ks: list[int] = field(default_factory=lambda: [1, 10])
+    ks: list[int] = field(default_factory=lambda: [1, 10])  # sweeps between kept samples
     n_chains: int = 16
-    burn_in: int = 20
-    wall_time: float = 60.0
-    max_steps: int | None = None
+    burn_in: int = 20  # sweeps before the first step's samples
+    init: str = "random"  # random | up | down (exchange moves need random)
+    wall_time: float = 60.0  # seconds per run (sampling included)
+    max_steps: int | None = None  # optional cap on steps per run
 
 
 @dataclass

@@ -8,8 +8,11 @@ temporary file in the same directory, fsynced, then atomically renamed over the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,21 +30,86 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, of another format or incompatible."""
 
 
-def _test_hook(name: str) -> Callable[..., None] | None:
+_HOOK_MODULES: dict[str, Any] = {}
+
+
+def _test_hook(name: str) -> Callable[..., Any] | None:
     """Return the test hook `name` named by NAQS_TEST_HOOKS=module:function, if any.
 
     Production code calls hooks at fixed points (e.g. in the middle of a checkpoint write);
-    only tests set the variable.
+    only tests set the variable. `module` is a dotted module name or a path to a `.py` file;
+    `function` returns a dict {hook name: callable}.
     """
     spec = os.environ.get("NAQS_TEST_HOOKS")
     if not spec:
         return None
-    module_name, _, function_name = spec.partition(":")
-    hooks = getattr(importlib.import_module(module_name), function_name)()
-    return hooks.get(name)
+    module_name, _, function_name = spec.rpartition(":")
+    module = _HOOK_MODULES.get(module_name)
+    if module is None:
+        if module_name.endswith(".py"):
+            loader_spec = importlib.util.spec_from_file_location("_naqs_test_hooks", module_name)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        _HOOK_MODULES[module_name] = module
+    return getattr(module, function_name)().get(name)
+
+
+def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Return the names of floating-point tensors holding NaN or ±inf anywhere in `state`.
+
+    Args:
+        state: nested dicts, lists and tuples of tensors and plain values (a state dict).
+        prefix: name of `state` itself, for the returned paths.
+    """
+    if isinstance(state, torch.Tensor):
+        bad = state.is_floating_point() or state.is_complex()
+        return [prefix or "tensor"] if bad and not bool(torch.isfinite(state).all()) else []
+    items: Any = ()
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    names: list[str] = []
+    for key, value in items:
+        names += non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    return names
 
 
 # --- checkpoints -------------------------------------------------------------------------
+def state_digest(state: Any) -> str:
+    """Return a BLAKE2b digest of every tensor's bytes and every plain value in `state`.
+
+    Stored in each checkpoint under "digest": torch's zip reader does not notice flipped bytes
+    inside tensor data, so corruption would otherwise load as silently wrong weights.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -56,6 +124,9 @@ def _fsync_dir(directory: Path) -> None:
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Write `state` to `path` atomically (temp file + fsync + rename).
 
+    A crash or kill at any moment leaves either the previous file or the new one at `path`,
+    never a partial one; a temporary file left by a killed writer is removed by the next write.
+
     Args:
         path: destination; its directory is created if needed.
         state: tensors and plain Python values only.
@@ -64,12 +135,16 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         OSError: with the path in the message; the previous file at `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     hook = _test_hook("checkpoint_write")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+        state = {k: v for k, v in state.items() if k != "digest"}
+        state["digest"] = state_digest(state)
         with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
+            torch.save(state, f)
             if hook is not None:
                 hook(f)
             f.flush()
@@ -78,11 +153,18 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         _fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror}") from err
+        reason = err.strerror or str(err)
+        raise OSError(err.errno, f"could not write checkpoint {path}: {reason}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a checkpoint.
+
+    Only tensors and plain Python values are unpickled (`weights_only=True`), so a crafted
+    file cannot run code; the stored digest (see `state_digest`) catches flipped bytes.
 
     Args:
         path: the checkpoint file, or a run directory (its `checkpoints/last.pt` is read).
@@ -94,12 +176,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     """
     path = resolve_checkpoint(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated, corrupted or not a naqs checkpoint"
-            f" ({first[:160]})"
+            f" ({_load_error_detail(err)})"
         ) from err
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{path} is not a naqs checkpoint (missing keys)")
@@ -108,7 +191,32 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"{path} has checkpoint format version {state['format_version']!r}; this naqs reads"
             f" version {CHECKPOINT_FORMAT_VERSION}"
         )
+    digest = state.pop("digest", None)
+    if digest is not None and digest != state_digest(state):
+        raise CheckpointError(
+            f"{path} is corrupted: its contents do not match the checksum written with it"
+        )
+    model = state["model"]
+    if (
+        not isinstance(state["config"], dict)
+        or not isinstance(model, dict)
+        or not all(isinstance(v, torch.Tensor) for v in model.values())
+        or not isinstance(state["step"], int)
+        or isinstance(state["step"], bool)
+        or state["step"] < 0
+    ):
+        raise CheckpointError(f"{path} is not a naqs checkpoint (malformed config, model or step)")
     return state
+
+
+def _load_error_detail(err: Exception) -> str:
+    """Return the informative line of a torch.load error (not its weights_only=False advice)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        wanted = [ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")]
+        what = wanted[0] if wanted else "objects other than tensors and plain values"
+        return f"{what[:160].rstrip('.')}; refused without running it"
+    return lines[0][:160] if lines else type(err).__name__
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -150,49 +258,75 @@ class HistoryWriter:
     def __init__(self, path: Path, attrs: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            with h5py.File(self.path, "w") as f:
+            with self._open("w") as f:
                 for key, value in (attrs or {}).items():
                     if value is not None:
                         f.attrs[key] = value
                 f.create_group(self.GROUP)
 
+    def _open(self, mode: str) -> h5py.File:
+        # No HDF5 file lock: a reader holding the file open (a notebook, h5ls) must not make
+        # the next flush fail; the writer is the only one that changes the file.
+        try:
+            return h5py.File(self.path, mode, locking=False)
+        except OSError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(err.errno, f"could not open history {self.path}: {reason}") from err
+
     def append(self, rows: Mapping[str, np.ndarray]) -> None:
-        """Append equal-length columns and close the file (so a kill leaves it valid)."""
+        """Append equal-length columns and close the file (so a kill leaves it valid).
+
+        Raises:
+            OSError: the file cannot be opened or written (message names it).
+        """
         lengths = {len(v) for v in rows.values()}
         assert len(lengths) == 1, f"columns of unequal length: {lengths}"
         n_new = lengths.pop()
         if n_new == 0:
             return
-        with h5py.File(self.path, "a") as f:
-            group = f.require_group(self.GROUP)
-            n_old = _n_rows(group)
-            for name, values in rows.items():
-                values = np.asarray(values)
-                if name not in group:
-                    dset = group.create_dataset(
-                        name,
-                        shape=(n_old,),
-                        maxshape=(None,),
-                        dtype=values.dtype,
-                        chunks=(1024,),
-                        fillvalue=np.nan if values.dtype.kind == "f" else 0,
-                    )
-                dset = group[name]
-                dset.resize((n_old + n_new,))
-                dset[n_old:] = values
-            for name in group:  # columns absent from this flush keep equal length
-                if group[name].shape[0] < n_old + n_new:
-                    group[name].resize((n_old + n_new,))
-            f.flush()
+        hook = _test_hook("history_write")
+        with self._open("a") as f:
+            try:
+                group = f.require_group(self.GROUP)
+                n_old = _n_rows(group)
+                for name, values in rows.items():
+                    values = np.asarray(values)
+                    if name not in group:
+                        group.create_dataset(
+                            name,
+                            shape=(n_old,),
+                            maxshape=(None,),
+                            dtype=values.dtype,
+                            chunks=(1024,),
+                            fillvalue=np.nan if values.dtype.kind == "f" else 0,
+                        )
+                    dset = group[name]
+                    dset.resize((n_old + n_new,))
+                    dset[n_old:] = values
+                    if hook is not None:
+                        hook(self.path, name)
+                for name in group:  # columns absent from this flush keep equal length
+                    if group[name].shape[0] != n_old + n_new:
+                        group[name].resize((n_old + n_new,))
+                f.flush()
+            except OSError as err:
+                raise OSError(err.errno, f"could not write history {self.path}: {err}") from err
 
     def truncate_from(self, step: int) -> int:
-        """Drop rows whose `step` is ≥ `step` (a resumed run recomputes them); return kept rows."""
-        with h5py.File(self.path, "a") as f:
+        """Drop rows whose `step` is ≥ `step` (a resumed run recomputes them); return kept rows.
+
+        Columns of unequal length (a writer killed mid-append by an older version) are cut to
+        the shortest, so every kept row is complete.
+        """
+        with self._open("a") as f:
             group = f.require_group(self.GROUP)
             if "step" not in group:
                 return 0
             steps = group["step"][:]
-            keep = int(np.searchsorted(steps, step, side="left"))
+            keep = min(
+                int(np.searchsorted(steps, step, side="left")),
+                *(group[name].shape[0] for name in group),
+            )
             for name in group:
                 group[name].resize((keep,))
             return keep
@@ -203,14 +337,15 @@ class HistoryWriter:
 
 
 def _n_rows(group: h5py.Group) -> int:
-    return group["step"].shape[0] if "step" in group else 0
+    """Return the number of complete rows (the shortest column)."""
+    return min((group[name].shape[0] for name in group), default=0)
 
 
 def write_group(
     path: Path, name: str, values: Mapping[str, Any], attrs: Mapping[str, Any] | None = None
 ) -> None:
     """Replace group `name` in the HDF5 file `path` (created if missing) with `values`."""
-    with h5py.File(path, "a") as f:
+    with h5py.File(path, "a", locking=False) as f:
         if name in f:
             del f[name]
         group = f.create_group(name)
@@ -226,17 +361,22 @@ def write_group(
 
 def write_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
     """Set root attributes of the HDF5 file `path` (created if missing)."""
-    with h5py.File(path, "a") as f:
+    with h5py.File(path, "a", locking=False) as f:
         for key, value in attrs.items():
             if value is not None:
                 f.attrs[key] = value
 
 
 def read_history(path: Path) -> dict[str, np.ndarray]:
-    """Return the `history/` columns of a history file as arrays."""
-    with h5py.File(path, "r") as f:
+    """Return the `history/` columns of a history file as arrays of equal length.
+
+    A writer killed inside an append can leave some columns longer than others; only the
+    complete rows (the shortest column) are returned.
+    """
+    with h5py.File(path, "r", locking=False) as f:
         group = f.get(HistoryWriter.GROUP, {})
-        return {name: group[name][:] for name in group}
+        n_rows = min((group[name].shape[0] for name in group), default=0)
+        return {name: group[name][:n_rows] for name in group}
 
 
 def read_group(path: Path, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import logging
 import math
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 import naqs_cli
@@ -47,6 +49,8 @@ OBSERVABLES = (
 )
 #: Keys of a checkpoint's config that `resume` may not change (they define the state).
 FROZEN_ON_RESUME = ("lattice", "ham", "model", "sampler._target_")
+#: Config groups: naming another option than the stored one is refused on resume.
+RESUME_GROUPS = ("lattice", "ham", "model", "sampler", "optim", "experiment")
 
 
 class NotImplementedYetError(Exception):
@@ -58,10 +62,15 @@ class TrainingDivergedError(RuntimeError):
 
 
 class InterruptedRunError(Exception):
-    """SIGINT/SIGTERM stopped training after a checkpoint was written."""
+    """SIGINT/SIGTERM stopped training; the message says the step reached and how to resume.
 
-    def __init__(self, message: str) -> None:
+    Attributes:
+        exit_code: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -251,7 +260,7 @@ def resume_config(stored: dict, overrides: Sequence[str] | None) -> DictConfig:
     """Return a checkpoint's config with the command line's overrides applied.
 
     Group switches and changes of lattice, Hamiltonian, model or sampler kind are refused:
-    they would not continue the same run.
+    they would not continue the same run (naming a group's stored option again is harmless).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -266,10 +275,21 @@ def resume_config(stored: dict, overrides: Sequence[str] | None) -> DictConfig:
             continue
         if override.is_sweep_override():
             raise ConfigError(f"{key}: a resumed run takes single values, not a sweep")
-        frozen = next((f for f in FROZEN_ON_RESUME if key == f or key.startswith(f + ".")), None)
-        if frozen is not None or "." not in key and key in ("experiment", "optim"):
+        if override.is_delete():
+            raise ConfigError(f"~{key}: a resumed run cannot delete keys of its stored config")
+        if key in RESUME_GROUPS:
+            stored_node = cfg.get(key)
+            same = isinstance(stored_node, DictConfig) and key != "lattice"
+            if same and target_kind(stored_node) == str(override.value()):
+                continue
             raise ConfigError(
-                f"{key}: a resumed run keeps the checkpoint's {frozen or key}; start a new run"
+                f"{key}={override.value()}: a resumed run keeps the checkpoint's {key}; start a"
+                " new run (train.init_from=CHECKPOINT reuses the weights)"
+            )
+        frozen = next((f for f in FROZEN_ON_RESUME if key == f or key.startswith(f + ".")), None)
+        if frozen is not None:
+            raise ConfigError(
+                f"{key}: a resumed run keeps the checkpoint's {frozen}; start a new run"
                 " (train.init_from=CHECKPOINT reuses the weights)"
             )
         OmegaConf.update(cfg, key, override.value(), merge=True)
@@ -277,12 +297,117 @@ def resume_config(stored: dict, overrides: Sequence[str] | None) -> DictConfig:
     return cfg
 
 
-class _SignalCatcher:
-    """Turn SIGINT/SIGTERM into a flag the training loop checks after each step."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
-    def __init__(self) -> None:
+
+def prepare_resume(
+    resume: str, overrides: Sequence[str] | None
+) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """Load the checkpoint of `resume=`, apply the overrides and validate the result.
+
+    The CLI calls this before Hydra creates anything, and `train` again.
+
+    Args:
+        resume: a checkpoint file or a run directory.
+        overrides: the command line's overrides (those of the stored config may change).
+
+    Returns:
+        (the config to continue with, the checkpoint file, the checkpoint's state).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, foreign or its config unusable.
+        ConfigError: an override the resumed run cannot take (the message names the file).
+    """
+    build.validate_path("resume", resume)
+    path = store.resolve_checkpoint(resume)
+    state = store.load_checkpoint(path)
+    try:
+        cfg = resume_config(state["config"], overrides)
+        build.validate(cfg, "train")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (resuming {path})") from None
+    except (OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise store.CheckpointError(
+            f"{path}: its stored config cannot be used ({_first_line(err)})"
+        ) from None
+    stages = make_stages(cfg)
+    total = stages[-1].start + stages[-1].steps
+    if state["step"] > total:
+        key = "train.stages" if cfg.train.stages is not None else "train.steps"
+        raise ConfigError(
+            f"{key}: {total} steps in all, but {path} is already at step {state['step']};"
+            f" give at least {state['step']}"
+        )
+    return cfg, path, state
+
+
+def check_new_run_dir(out_dir: Path | str) -> None:
+    """Refuse to start a new run in a directory that already holds one.
+
+    Raises:
+        ConfigError: `out_dir` holds history.h5 or checkpoints/last.pt.
+    """
+    out_dir = Path(out_dir)
+    for name in ("checkpoints/last.pt", "history.h5"):
+        if (out_dir / name).exists():
+            raise ConfigError(
+                f"hydra.run.dir={out_dir}: already holds a training run ({name}); continue it"
+                f" with: {resume_command(out_dir)}, or choose another directory"
+            )
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load the weights of checkpoint `path` into `model` (`train.init_from`).
+
+    Raises:
+        CheckpointError: the file is unreadable or its weights do not fit the model.
+    """
+    state = store.load_checkpoint(path)
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        first = lines[1] if len(lines) > 1 else _first_line(err)
+        raise store.CheckpointError(
+            f"train.init_from={path}: its weights do not fit this model ({first[:200]})"
+        ) from None
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """Check that `train.init_from`, if set, loads into the model `cfg` builds (on the CPU).
+
+    Raises:
+        CheckpointError: the file is unreadable or its weights do not fit.
+    """
+    if not cfg.train.get("init_from"):
+        return
+    lattice = build.build_lattice(cfg)
+    model = build.build_model(cfg, lattice, "cpu", build.resolve_dtype(cfg.dtype))
+    load_init_weights(model, cfg.train.init_from)
+
+
+def resume_command(out_dir: Path) -> str:
+    """Return the shell command that continues the run in `out_dir`."""
+    return "naqs train " + shlex.quote(f"resume={out_dir}")
+
+
+class _SignalCatcher:
+    """Turn SIGINT/SIGTERM into a flag the training loop checks after each step.
+
+    A second signal (with `immediate`, the first) stops at once by raising KeyboardInterrupt,
+    except inside `critical()` blocks (HDF5 writes, checkpoint writes), which it lets finish
+    first.
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
+        self.immediate = immediate
         self.signal_name: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._critical = 0
+        self._abort = False
 
     def __enter__(self) -> _SignalCatcher:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -291,9 +416,27 @@ class _SignalCatcher:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:  # a second signal: stop now
+        first = self.signal_name is None
+        if first:
+            self.signal_name = signal.Signals(signum).name
+            self.signum = signum
+        if first and not self.immediate:
+            return
+        if self._critical:
+            self._abort = True
+        else:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Defer a second signal's immediate stop until the block has finished."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self._abort and not self._critical:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -301,9 +444,18 @@ class _SignalCatcher:
 
 
 class _Trainer:
-    """The state of one training run (model, optimizer, sampler, files); see `train`."""
+    """The state of one training run (model, optimizer, sampler, files); see `train`.
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, checkpoint: dict | None) -> None:
+    Nothing is written until every checkpoint to restore or initialize from has loaded.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        out_dir: Path,
+        checkpoint: dict | None = None,
+        checkpoint_path: Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.device = build.resolve_device(cfg.device)
@@ -323,13 +475,22 @@ class _Trainer:
         self.best_energy = math.inf
         self.recent: list[float] = []
         self.elapsed = 0.0
-        self.rollbacks = 0
+        self.rollbacks = 0  # rollbacks since the last checkpoint past the failure point
+        self.failed_at = -1  # step of the last rollback
+        self.saved_step: int | None = None  # step of the last good checkpoints/last.pt
+        self.catcher = _SignalCatcher()
         self.ckpt_dir = out_dir / "checkpoints"
-        self.history = store.HistoryWriter(out_dir / "history.h5", run_attrs(cfg, self.device))
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, checkpoint_path or self.ckpt_dir / "last.pt")
+            self.saved_step = self.step
+            self._recall_best()
         elif cfg.train.init_from:
             self._init_from(cfg.train.init_from)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.history = store.HistoryWriter(out_dir / "history.h5", run_attrs(cfg, self.device))
+        if checkpoint is not None:
+            kept = self.history.truncate_from(self.step)
+            log.info("resumed at step %d (%d history rows kept)", self.step, kept)
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -339,7 +500,11 @@ class _Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks},
+            "scheduler": {
+                "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks,
+                "failed_at": self.failed_at,
+            },
             "sampler": [self.sampler.state_dict()],
             "step": self.step,
             "rng": [torch.get_rng_state()],
@@ -348,40 +513,109 @@ class _Trainer:
             "elapsed": self.elapsed,
         }
 
-    def _restore(self, state: dict) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"][distributed.rank()])
-        torch.set_rng_state(state["rng"][distributed.rank()].cpu())
-        self.step = int(state["step"])
-        self.lr_scale = float(state["scheduler"]["lr_scale"])
-        self.rollbacks = int(state["scheduler"].get("rollbacks", 0))
-        self.best_energy = float(state["best_energy"])
-        self.recent = [float(e) for e in state.get("recent_energies", [])]
-        self.elapsed = float(state.get("elapsed", 0.0))
-        kept = self.history.truncate_from(self.step)
-        log.info("resumed at step %d (%d history rows kept)", self.step, kept)
-
-    def _init_from(self, path: str) -> None:
-        state = store.load_checkpoint(path)
+    def _restore(self, state: dict, path: Path, rollback: bool = False) -> None:
+        """Load a checkpoint's state; a rollback keeps the sampler, RNG, clock and best."""
         try:
             unwrap(self.model).load_state_dict(state["model"])
-        except RuntimeError as err:
-            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if not rollback:
+                self.sampler.load_state_dict(state["sampler"][distributed.rank()])
+                torch.set_rng_state(state["rng"][distributed.rank()].cpu())
+                self.best_energy = float(state["best_energy"])
+                self.elapsed = float(state.get("elapsed", 0.0))
+                scheduler = state["scheduler"]
+                self.lr_scale = float(scheduler["lr_scale"])
+                self.rollbacks = int(scheduler.get("rollbacks", 0))
+                self.failed_at = int(scheduler.get("failed_at", -1))
+            self.step = int(state["step"])
+            self.recent = [float(e) for e in state.get("recent_energies", [])]
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
             raise store.CheckpointError(
-                f"train.init_from={path}: its weights do not fit this model ({first[:200]})"
+                f"{path}: cannot restore the training state from it ({_first_line(err)})"
             ) from None
+
+    def _recall_best(self) -> None:
+        """Take the best energy from best.pt when it is newer than last.pt's (a killed run)."""
+        best = self.ckpt_dir / "best.pt"
+        if not best.is_file():
+            return
+        try:
+            energy = float(store.load_checkpoint(best)["best_energy"])
+        except (store.CheckpointError, KeyError, TypeError, ValueError):
+            return
+        if math.isfinite(energy):
+            self.best_energy = min(self.best_energy, energy)
+
+    def _init_from(self, path: str) -> None:
+        load_init_weights(self.model, path)
         log.info("initialized weights from %s", path)
 
-    def save(self, name: str = "last.pt") -> None:
-        if distributed.is_main():
-            store.save_checkpoint(self.ckpt_dir / name, self.state())
+    def _state_problems(self) -> list[str]:
+        """Return the names of non-finite parameters or optimizer state (empty if none)."""
+        return store.non_finite_tensors(
+            {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
+
+    def _params_finite(self) -> bool:
+        params = [p.detach() for p in self.model.parameters()]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+    def save(self, name: str = "last.pt") -> bool:
+        """Write a checkpoint unless the state holds NaN/inf; return whether it was written.
+
+        Raises:
+            OSError: the write failed (the previous file is kept); the message says how to
+                resume.
+        """
+        if not distributed.is_main():
+            self.saved_step = self.step if name == "last.pt" else self.saved_step
+            return True
+        problems = self._state_problems()
+        if problems:
+            log.error(
+                "step %d: refusing to write %s: non-finite values in %s",
+                self.step,
+                name,
+                ", ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+            )
+            return False
+        if name == "last.pt" and self.step > self.failed_at:
+            self.rollbacks = 0  # a good state past the last failure: a new incident starts over
+        try:
+            with self.catcher.critical():
+                store.save_checkpoint(self.ckpt_dir / name, self.state())
+                if name == "last.pt":
+                    self.saved_step = self.step
+        except OSError as err:
+            kept = (
+                f"the previous checkpoint (step {self.saved_step}) is kept"
+                if self.saved_step is not None
+                else "no checkpoint was written"
+            )
+            resume = (
+                f"; then resume with: {resume_command(self.out_dir)}"
+                if self.saved_step is not None
+                else ""
+            )
+            raise OSError(err.errno, f"{err.strerror}; {kept}{resume}") from err
+        return True
 
     # -- loop ----------------------------------------------------------------------------
     def run(self, catcher: _SignalCatcher) -> None:
+        """Train until `total_steps`, a signal (InterruptedRunError) or divergence.
+
+        Non-finite local energies or gradients skip the update (the row is kept with NaN
+        energies); `train.max_nonfinite` of them in a row, an update that makes parameters
+        non-finite, or a checkpoint refused for NaN/inf roll back to the last good checkpoint
+        with the learning rate halved; more than `train.max_rollbacks` rollbacks without
+        progress raise TrainingDivergedError. No checkpoint is written during a non-finite
+        streak, so a rollback never returns to the state that failed.
+        """
         cfg = self.cfg
+        self.catcher = catcher
         rows: dict[str, list] = {}
-        consecutive_bad = 0
+        bad_in_a_row = 0
+        save_due = False
         if self.step == 0 and not (self.ckpt_dir / "last.pt").exists():
             self.save()  # a good state to roll back to, and a file for resume from the start
         bar = tqdm(
@@ -398,6 +632,9 @@ class _Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = self.sampler.sample(self.model, stage.n_samples // distributed.world_size())
+            hook = store._test_hook("training_batch")
+            if hook is not None:
+                hook(self.step, batch)
             result = train_step(
                 self.model,
                 self.hamiltonian,
@@ -406,22 +643,34 @@ class _Trainer:
                 chunk_size=cfg.train.chunk_size,
                 grad_clip=cfg.optim.grad_clip,
             )
+            hook = store._test_hook("after_update")
+            if hook is not None:
+                hook(self.step, self.model)
+            if result.is_finite and not self._params_finite():
+                log.error("step %d: the update made parameters non-finite", self.step)
+                self._flush(rows)
+                self._rollback("non-finite parameters")
+                bad_in_a_row, save_due = 0, False
+                bar.n = self.step
+                continue
             if not result.is_finite:
-                consecutive_bad += 1
+                bad_in_a_row += 1
+                energy_ok = bool(torch.isfinite(result.e_loc.total).all())
                 log.warning(
-                    "step %d: non-finite %s, update skipped (%d in a row)",
+                    "step %d: non-finite %s, update skipped (%d in a row, limit %d)",
                     self.step,
-                    "local energy" if math.isnan(result.grad_norm) else "gradient",
-                    consecutive_bad,
+                    "gradient" if energy_ok else "local energy",
+                    bad_in_a_row,
+                    cfg.train.max_nonfinite,
                 )
-                if consecutive_bad >= cfg.train.max_nonfinite:
+                if bad_in_a_row >= cfg.train.max_nonfinite:
                     self._flush(rows)
-                    self._rollback()
-                    consecutive_bad = 0
+                    self._rollback(f"{bad_in_a_row} non-finite steps in a row")
+                    bad_in_a_row, save_due = 0, False
                     bar.n = self.step
                     continue
             else:
-                consecutive_bad = 0
+                bad_in_a_row = 0
             values = estimate_observables(batch, result.e_loc, self.hamiltonian)
             self.elapsed = time.perf_counter() - t_start
             row = {
@@ -446,9 +695,12 @@ class _Trainer:
                 refresh=False,
             )
             at_end = self.step == self.total_steps
-            if self.step % cfg.train.log_every == 0 or at_end or catcher.signal_name:
+            stopping = catcher.signal_name is not None
+            save_due = save_due or self.step % cfg.train.checkpoint_every == 0
+            if self.step % cfg.train.log_every == 0 or at_end or stopping:
                 self._flush(rows)
-                self._maybe_save_best()
+                if bad_in_a_row == 0:
+                    self._maybe_save_best()
                 log.info(
                     "step %d/%d  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
                     self.step,
@@ -459,21 +711,48 @@ class _Trainer:
                     values["abs_magnetization"],
                     lr,
                 )
-            if self.step % cfg.train.checkpoint_every == 0 or at_end or catcher.signal_name:
+            if (save_due and bad_in_a_row == 0) or at_end or stopping:
                 self._flush(rows)
-                self.save()
-            if catcher.signal_name:
+                if (bad_in_a_row == 0 or at_end) and not self.save():
+                    self._rollback("non-finite state at a checkpoint")
+                    bad_in_a_row, save_due = 0, False
+                    bar.n = self.step
+                    continue
+                save_due = False
+            if stopping:
                 bar.close()
-                raise InterruptedRunError(
-                    f"{catcher.signal_name}: stopped at step {self.step}/{self.total_steps};"
-                    f" checkpoint and history saved in {self.out_dir}. Resume with:"
-                    f" naqs train resume={self.out_dir}"
-                )
+                self._stop(catcher)
         bar.close()
+
+    def _stop(self, catcher: _SignalCatcher) -> None:
+        """Raise InterruptedRunError after a signal (history flushed, checkpoint written)."""
+        if self.saved_step == self.step:
+            where = f"checkpoint and history saved in {self.out_dir}"
+        else:
+            where = (
+                f"the last good checkpoint is at step {self.saved_step} (the last steps had"
+                f" non-finite energies or gradients), history saved in {self.out_dir}"
+            )
+        log.warning("%s: stopped at step %d/%d", catcher.signal_name, self.step, self.total_steps)
+        raise InterruptedRunError(
+            f"{catcher.signal_name}: stopped at step {self.step}/{self.total_steps}; {where}."
+            f" Resume with: {resume_command(self.out_dir)}",
+            exit_code=128 + int(catcher.signum or signal.SIGINT),
+        )
 
     def _flush(self, rows: dict[str, list]) -> None:
         if rows and distributed.is_main():
-            self.history.append({k: np.asarray(v) for k, v in rows.items()})
+            try:
+                with self.catcher.critical():
+                    self.history.append({k: np.asarray(v) for k, v in rows.items()})
+            except OSError as err:
+                resume = (
+                    f"; the checkpoint of step {self.saved_step} is kept: resume with:"
+                    f" {resume_command(self.out_dir)}"
+                    if self.saved_step is not None
+                    else ""
+                )
+                raise OSError(err.errno, f"{err.strerror}{resume}") from err
         rows.clear()
 
     def _maybe_save_best(self) -> None:
@@ -481,25 +760,37 @@ class _Trainer:
             return
         smoothed = float(np.mean(self.recent))
         if smoothed < self.best_energy:
-            self.best_energy = smoothed
-            self.save("best.pt")
+            previous, self.best_energy = self.best_energy, smoothed
+            if not self.save("best.pt"):
+                self.best_energy = previous
 
-    def _rollback(self) -> None:
+    def _rollback(self, reason: str) -> None:
+        """Return to checkpoints/last.pt with the learning rate halved (optimizer included)."""
         self.rollbacks += 1
-        if self.rollbacks > self.cfg.train.max_rollbacks:
+        self.failed_at = max(self.failed_at, self.step)
+        path = self.ckpt_dir / "last.pt"
+        if self.rollbacks > self.cfg.train.max_rollbacks or self.saved_step is None:
             raise TrainingDivergedError(
-                f"non-finite energies or gradients persisted through"
-                f" {self.cfg.train.max_rollbacks} rollbacks (last at step {self.step}); lower"
-                f" optim.lr (now {self.cfg.optim.lr}) or set optim.grad_clip"
+                f"training diverged at step {self.step} ({reason}) after"
+                f" {self.rollbacks - 1} rollbacks with the learning rate halved each time"
+                f" (train.max_rollbacks={self.cfg.train.max_rollbacks}); the last good checkpoint"
+                f" is {path} (step {self.saved_step}): lower optim.lr (now {self.cfg.optim.lr})"
+                " or set optim.grad_clip and start again, e.g. with train.init_from="
+                f"{path}"
             )
-        state = store.load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
-        rollbacks = self.rollbacks
-        lr_scale = self.lr_scale * 0.5
-        self._restore(state)
-        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        state = store.load_checkpoint(path, map_location=self.device)
+        self._restore(state, path, rollback=True)
+        self.lr_scale *= 0.5
+        kept = 0
+        if distributed.is_main():
+            with self.catcher.critical():
+                kept = self.history.truncate_from(self.step)
         log.warning(
-            "rolled back to step %d with the learning rate halved (scale %.3g, rollback %d/%d)",
+            "%s: rolled back to step %d (%d history rows kept), learning rate halved"
+            " (scale %.3g, rollback %d of at most %d)",
+            reason,
             self.step,
+            kept,
             self.lr_scale,
             self.rollbacks,
             self.cfg.train.max_rollbacks,
@@ -516,17 +807,21 @@ def train(
         out_dir: the run directory (a resumed run continues in its own directory instead).
         overrides: the command line's overrides, applied on top of a resumed checkpoint's
             config (with `resume` set).
+
+    Raises:
+        InterruptedRunError: SIGINT/SIGTERM (checkpoint written) or a second signal.
+        TrainingDivergedError: non-finite steps persisted through every rollback.
+        OSError: a checkpoint or history write failed (the previous checkpoint is kept).
     """
     out_dir = Path(out_dir)
-    checkpoint = None
+    checkpoint, path = None, None
     if cfg.get("resume"):
-        path = store.resolve_checkpoint(cfg.resume)
-        checkpoint = store.load_checkpoint(path)
-        cfg = resume_config(checkpoint["config"], overrides)
+        cfg, path, checkpoint = prepare_resume(cfg.resume, overrides)
         out_dir = store.run_dir_of(path)
-    build.validate(cfg, "train")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = _Trainer(cfg, out_dir, checkpoint)
+    else:
+        build.validate(cfg, "train")
+        check_new_run_dir(out_dir)
+    trainer = _Trainer(cfg, out_dir, checkpoint, path)
     log.info(
         "training %s on %s (%d parameters), %d steps, device %s, %s",
         target_kind(cfg.model),
@@ -537,8 +832,28 @@ def train(
         cfg.dtype,
     )
     with _SignalCatcher() as catcher:
-        trainer.run(catcher)
-    return _finish(trainer)
+        try:
+            trainer.run(catcher)
+        except KeyboardInterrupt:
+            name = catcher.signal_name or "SIGINT"
+            raise InterruptedRunError(
+                f"{name} twice: stopped during step {trainer.step}; the last checkpoint is at"
+                f" step {trainer.saved_step} (later history rows are dropped on resume)."
+                f" Resume with: {resume_command(trainer.out_dir)}",
+                exit_code=128 + int(catcher.signum or signal.SIGINT),
+            ) from None
+    with _SignalCatcher(immediate=True) as catcher:
+        trainer.catcher = catcher
+        try:
+            return _finish(trainer)
+        except KeyboardInterrupt:
+            name = catcher.signal_name or "SIGINT"
+            raise InterruptedRunError(
+                f"{name}: stopped during the final evaluation; training finished at step"
+                f" {trainer.step} and its checkpoints are saved in {trainer.out_dir}. Evaluate"
+                f" with: naqs evaluate {shlex.quote(str(trainer.out_dir))}",
+                exit_code=128 + int(catcher.signum or signal.SIGINT),
+            ) from None
 
 
 def _finish(trainer: _Trainer) -> TaskResult:
@@ -560,7 +875,8 @@ def _finish(trainer: _Trainer) -> TaskResult:
         if reference is not None:
             final["reference_energy"] = reference.energy
             attrs["reference_source"] = reference.source
-        trainer.history.write_group("final", final, attrs)
+        with trainer.catcher.critical():
+            trainer.history.write_group("final", final, attrs)
     if distributed.is_main():
         from naqs_cli import plots
 
@@ -592,6 +908,43 @@ def _final_sampler(cfg: DictConfig, trainer: _Trainer):
 
 
 # --- evaluate -----------------------------------------------------------------------------
+def evaluate_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """Return the config to evaluate with: the checkpoint's, with evaluate's overrides.
+
+    The CLI calls this before Hydra creates anything, and `evaluate` again.
+
+    Returns:
+        (the run config, the checkpoint file, the checkpoint's state).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, foreign or its config unusable.
+        ConfigError: an override the stored model cannot take (the message names the file).
+    """
+    build.validate(cfg, "evaluate")
+    path = store.resolve_checkpoint(cfg.checkpoint)
+    state = store.load_checkpoint(path)
+    try:
+        run_cfg = OmegaConf.create(state["config"])
+        run_cfg.resume = None
+        run_cfg.train.init_from = None
+        for key in ("device", "dtype"):
+            if cfg.get(key) is not None:
+                run_cfg[key] = cfg[key]
+        if cfg.model.symmetry is not None:
+            run_cfg.model.symmetry = cfg.model.symmetry
+        if cfg.get("sampler") is not None:
+            run_cfg.sampler = OmegaConf.create(OmegaConf.to_container(cfg.sampler, resolve=True))
+        run_cfg.sampler.n_samples = int(cfg.n_samples)
+        build.validate(run_cfg, "train")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (evaluating {path})") from None
+    except (OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise store.CheckpointError(
+            f"{path}: its stored config cannot be used ({_first_line(err)})"
+        ) from None
+    return run_cfg, path, state
+
+
 def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     """Rebuild a trained model from its checkpoint and estimate every observable.
 
@@ -599,31 +952,19 @@ def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     from the stored config (the config schema refuses other keys).
     """
     out_dir = Path(out_dir)
-    build.validate(cfg, "evaluate")
-    path = store.resolve_checkpoint(cfg.checkpoint)
-    state = store.load_checkpoint(path)
-    run_cfg = OmegaConf.create(state["config"])
-    run_cfg.resume = None
-    run_cfg.train.init_from = None
-    for key in ("device", "dtype"):
-        if cfg.get(key) is not None:
-            run_cfg[key] = cfg[key]
-    if cfg.model.symmetry is not None:
-        run_cfg.model.symmetry = cfg.model.symmetry
-    if cfg.get("sampler") is not None:
-        run_cfg.sampler = OmegaConf.create(OmegaConf.to_container(cfg.sampler, resolve=True))
+    run_cfg, path, state = evaluate_config(cfg)
     kind = target_kind(run_cfg.sampler)
-    run_cfg.sampler.n_samples = int(cfg.n_samples)
-    try:
-        build.validate(run_cfg, "train")
-    except ConfigError as err:
-        raise ConfigError(f"{err} (evaluating {path})") from None
     device = build.resolve_device(run_cfg.device)
     dtype = build.resolve_dtype(run_cfg.dtype)
     lattice = build.build_lattice(run_cfg)
     hamiltonian = build.build_hamiltonian(run_cfg, lattice)
     model = build.build_model(run_cfg, lattice, device, dtype)
-    unwrap(model).load_state_dict(state["model"])
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise store.CheckpointError(
+            f"{path}: its weights do not fit the model of its own config ({_first_line(err)})"
+        ) from None
     model.eval()
     sampler = build.build_sampler(run_cfg, hamiltonian, device, int(cfg.seed))
     values = evaluate_model(model, hamiltonian, sampler, int(cfg.n_samples), int(cfg.chunk_size))
@@ -687,9 +1028,13 @@ def exact(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
 # --- comparisons (issue: MCMC vs exact sampling) ------------------------------------------
 def compare_sampling(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     """Compare direct sampling with Markov chains started all-up (paper Fig. 2)."""
-    raise NotImplementedYetError("naqs compare sampling is not implemented yet")
+    from naqs_cli import compare
+
+    return compare.compare_sampling(cfg, out_dir)
 
 
 def compare_training(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     """Train with direct sampling and with MCMC at several k under equal wall time (Fig. 3)."""
-    raise NotImplementedYetError("naqs compare training is not implemented yet")
+    from naqs_cli import compare
+
+    return compare.compare_training(cfg, out_dir)

@@ -28,8 +28,13 @@ def compose(task: str, overrides: list[str] | None = None):
         return hydra_compose(config_name=task, overrides=list(overrides or []))
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    check: bool = False,
+    env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run `python -m naqs_cli ARGS` in a subprocess and return the completed process."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)

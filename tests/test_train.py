@@ -122,8 +122,7 @@ def test_stages_schedule_and_sgd(tmp_path):
             "optim.schedule=step",
             "optim.step_every=2",
             "optim.step_factor=0.5",
-            "train.stages=[{steps: 4, n_samples: 8, lr: 0.1},"
-            " {steps: 3, n_samples: 32, lr: 0.01}]",
+            "train.stages=[{steps: 4, n_samples: 8, lr: 0.1}, {steps: 3, n_samples: 32, lr: 0.01}]",
             "train.log_every=1",
         ],
     )

@@ -78,9 +78,7 @@ def test_local_energy_paths_agree_and_are_real_for_real_states():
     via_sparse = local_energy(model, hamiltonian, full)
     via_conn = local_energy(model, hamiltonian, sampled)
     torch.testing.assert_close(via_sparse.total, via_conn.total, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(
-        via_sparse.off_diagonal, via_conn.off_diagonal, atol=1e-9, rtol=1e-9
-    )
+    torch.testing.assert_close(via_sparse.off_diagonal, via_conn.off_diagonal, atol=1e-9, rtol=1e-9)
 
 
 def _group_gradients(model, hamiltonian, batch_size, n_batches, n_groups, seed):
