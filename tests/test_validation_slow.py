@@ -38,7 +38,7 @@ def _train_and_enumerate(tmp_path, overrides: list[str]) -> tuple[dict, object, 
     return model_expectations(log_psi, hamiltonian), ground_state(hamiltonian), cpu_seconds
 
 
-@pytest.mark.parametrize(("gamma", "steps"), [(2.0, 1000), (3.0, 500), (4.0, 500)])
+@pytest.mark.parametrize(("gamma", "steps"), [(2.0, 1000), (3.0, 600), (4.0, 400)])
 def test_tfim_4x4_obc(tmp_path, gamma, steps):
     values, exact, cpu = _train_and_enumerate(
         tmp_path,
