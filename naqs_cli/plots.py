@@ -18,32 +18,61 @@ def _pyplot():
     return plt
 
 
-def training_plot(history: Path, out_png: Path, reference_energy: float | None = None) -> Path:
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Return the trailing mean over `window` points (shorter at the start)."""
+    values = np.asarray(values, dtype=float)
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(1, values.size + 1)
+    start = np.maximum(index - window, 0)
+    return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+def training_plot(
+    history: Path,
+    out_png: Path,
+    reference_energy: float | None = None,
+    title: str | None = None,
+) -> Path:
     """Draw energy (or relative error to the reference) and variance against step.
+
+    Raw per-step values are drawn faintly, with a trailing moving average (2 % of the steps,
+    at least 5) on top, since single-batch estimates are noisy.
 
     Args:
         history: a `history.h5`.
         out_png: the PNG to write.
         reference_energy: exact or literature energy per site; with it the top panel shows
-            |E − E_ref|/|E_ref| on a log scale.
+            |E − E_ref|/|E_ref| of the moving average on a log scale.
+        title: figure title (e.g. the Hamiltonian and lattice).
     """
     plt = _pyplot()
     h = store.read_history(history)
     step, energy, err = h["step"], h["energy"], h["energy_err"]
+    window = max(5, step.size // 50)
+    smooth = _moving_average(energy, window)
     fig, (ax_e, ax_v) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     if reference_energy is not None and reference_energy != 0:
         rel = np.abs(energy - reference_energy) / abs(reference_energy)
-        ax_e.semilogy(step, np.maximum(rel, 1e-12), lw=1)
+        rel_smooth = np.abs(smooth - reference_energy) / abs(reference_energy)
+        ax_e.semilogy(step, np.maximum(rel, 1e-12), lw=0.6, alpha=0.35, color="C0")
+        ax_e.semilogy(step, np.maximum(rel_smooth, 1e-12), lw=1.5, color="C0",
+                      label=f"moving average ({window} steps)")  # fmt: skip
         ax_e.set_ylabel("|E − E_ref| / |E_ref|")
     else:
-        ax_e.plot(step, energy, lw=1)
-        ax_e.fill_between(step, energy - err, energy + err, alpha=0.3)
+        ax_e.plot(step, energy, lw=0.6, alpha=0.35, color="C0")
+        ax_e.fill_between(step, energy - err, energy + err, alpha=0.15, color="C0")
+        ax_e.plot(step, smooth, lw=1.5, color="C0", label=f"moving average ({window} steps)")
         ax_e.set_ylabel("energy per site")
-    ax_v.semilogy(step, np.maximum(h["energy_variance"], 1e-16), lw=1, color="C1")
+    ax_e.legend(loc="upper right")
+    variance = np.maximum(h["energy_variance"], 1e-16)
+    ax_v.semilogy(step, variance, lw=0.6, alpha=0.35, color="C1")
+    ax_v.semilogy(step, _moving_average(variance, window), lw=1.5, color="C1")
     ax_v.set_ylabel("Var(H) / N²")
     ax_v.set_xlabel("step")
     for ax in (ax_e, ax_v):
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -885,6 +885,8 @@ def _finish(trainer: _Trainer) -> TaskResult:
                 out_dir / "history.h5",
                 out_dir / "training.png",
                 reference.energy if reference else None,
+                title=f"{trainer.hamiltonian.describe()}, {target_kind(cfg.model)}"
+                + (f" (reference: {reference.source})" if reference else ""),
             )
         except Exception as err:  # a plot must never lose a finished run
             log.warning("could not draw training.png: %s", err)
