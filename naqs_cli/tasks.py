@@ -302,6 +302,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _stored_config_errors(path: Path, verb: str):
+    """Name the checkpoint in config errors; report an unusable stored config as a bad file."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({verb} {path})") from None
+    except (OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise store.CheckpointError(
+            f"{path}: its stored config cannot be used ({_first_line(err)})"
+        ) from None
+
+
 def prepare_resume(
     resume: str, overrides: Sequence[str] | None
 ) -> tuple[DictConfig, Path, dict[str, Any]]:
@@ -323,15 +336,9 @@ def prepare_resume(
     build.validate_path("resume", resume)
     path = store.resolve_checkpoint(resume)
     state = store.load_checkpoint(path)
-    try:
+    with _stored_config_errors(path, "resuming"):
         cfg = resume_config(state["config"], overrides)
         build.validate(cfg, "train")
-    except ConfigError as err:
-        raise ConfigError(f"{err} (resuming {path})") from None
-    except (OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError) as err:
-        raise store.CheckpointError(
-            f"{path}: its stored config cannot be used ({_first_line(err)})"
-        ) from None
     stages = make_stages(cfg)
     total = stages[-1].start + stages[-1].steps
     if state["step"] > total:
@@ -925,7 +932,7 @@ def evaluate_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
     build.validate(cfg, "evaluate")
     path = store.resolve_checkpoint(cfg.checkpoint)
     state = store.load_checkpoint(path)
-    try:
+    with _stored_config_errors(path, "evaluating"):
         run_cfg = OmegaConf.create(state["config"])
         run_cfg.resume = None
         run_cfg.train.init_from = None
@@ -938,12 +945,6 @@ def evaluate_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
             run_cfg.sampler = OmegaConf.create(OmegaConf.to_container(cfg.sampler, resolve=True))
         run_cfg.sampler.n_samples = int(cfg.n_samples)
         build.validate(run_cfg, "train")
-    except ConfigError as err:
-        raise ConfigError(f"{err} (evaluating {path})") from None
-    except (OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError) as err:
-        raise store.CheckpointError(
-            f"{path}: its stored config cannot be used ({_first_line(err)})"
-        ) from None
     return run_cfg, path, state
 
 

@@ -14,6 +14,16 @@ from naqs_cli import CONF_DIR
 from naqs_cli.config import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The smallest training config: 2×2, one causal layer, float64 on the CPU.
+TINY_TRAIN = [
+    "lattice.Lx=2",
+    "lattice.Ly=2",
+    "model.layers=1",
+    "model.channels=2",
+    "sampler.n_samples=8",
+    "dtype=float64",
+    "device=cpu",
+]
 
 
 def compose(task: str, overrides: list[str] | None = None):

@@ -18,20 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, TINY_TRAIN, compose, run_cli
 
 from naqs_cli import store, tasks
 
 NO_CUDA = not torch.cuda.is_available()
-TINY = [
-    "lattice.Lx=2",
-    "lattice.Ly=2",
-    "model.layers=1",
-    "model.channels=2",
-    "sampler.n_samples=8",
-    "dtype=float64",
-    "device=cpu",
-]
+TINY = TINY_TRAIN
 
 #: (argv, words the one-line message must contain). Placeholders name the files of `files`.
 CASES = [

@@ -18,21 +18,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, TINY_TRAIN, compose, run_cli
 
 from naqs_cli import store, tasks
 
 HOOKS = str(ROOT / "tests" / "hooks.py")
-TINY = [
-    "lattice.Lx=2",
-    "lattice.Ly=2",
-    "model.layers=1",
-    "model.channels=2",
-    "sampler.n_samples=8",
-    "dtype=float64",
-    "device=cpu",
-    "train.final_samples=0",
-]
+TINY = [*TINY_TRAIN, "train.final_samples=0"]
 #: Seconds to wait for a subprocess to reach a point (imports are slow on loaded CPUs).
 WAIT = 180
 
