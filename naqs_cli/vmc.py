@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from naqs_cli import distributed
+from naqs_cli import distributed, parallel
 from naqs_cli.observables import magnetization, staggered_magnetization, weighted_stats
 from naqs_cli.samplers import Samples
 
@@ -43,6 +43,12 @@ def _log_psi_chunked(model: torch.nn.Module, x: torch.Tensor, chunk_size: int) -
     return torch.cat([model.log_psi(chunk) for chunk in x.split(chunk_size)])
 
 
+#: Memory for the activations `ratio_cache` keeps per chunk of reference configurations.
+RATIO_CACHE_BYTES = 256 * 2**20
+#: Fewest sampled configurations worth a CPU thread of their own in `local_energy`.
+MIN_REFERENCES_PER_THREAD = 16
+
+
 @torch.no_grad()
 def local_energy(
     model: torch.nn.Module,
@@ -52,23 +58,75 @@ def local_energy(
 ) -> LocalEnergy:
     """Return E_loc(x) = Σ_x' H_xx' Ψ(x')/Ψ(x) for every configuration of a batch.
 
-    Sampled batches use `get_conn`: zero matrix elements are skipped, the connected
-    configurations' log-amplitudes are computed without autograd in chunks. A full-basis batch
-    (fullsum) uses (HΨ)(x)/Ψ(x) with the sparse matrix; states with Ψ = 0 get E_loc = 0 (their
-    weight is 0).
+    Sampled batches use `get_conn`; the diagonal slot and zero matrix elements are skipped.
+    Models with `ratio_cache` / `log_psi_ratios` (every autoregressive model) get the ratios
+    Ψ(x')/Ψ(x) from them: the PixelCNN recomputes only the rows from each x's first changed
+    row on, reusing the activations of x's own forward pass, in chunks of reference
+    configurations whose cache fits `RATIO_CACHE_BYTES`. Other models (the symmetrized
+    wrapper) evaluate ln Ψ(x') in full. A full-basis batch (fullsum) uses (HΨ)(x)/Ψ(x) with
+    the sparse matrix; states with Ψ = 0 get E_loc = 0 (their weight is 0).
 
     Args:
         model: the wave function.
-        hamiltonian: gives `get_conn` / `to_sparse`.
-        batch: samples with their `log_psi` (computed here if missing).
+        hamiltonian: gives `get_conn` / `to_sparse` (and optionally `first_changed_site`).
+        batch: samples with their `log_psi` (computed here if missing and needed).
         chunk_size: configurations per network pass.
     """
+    x = batch.x
+    if batch.full_basis:
+        log_psi = batch.log_psi
+        if log_psi is None:
+            log_psi = _log_psi_chunked(model, x, chunk_size)
+        return _local_energy_full_basis(hamiltonian, log_psi)
+    if not hasattr(model, "log_psi_ratios"):
+        return _local_energy_full_passes(model, hamiltonian, batch, chunk_size)
+    workers = parallel.n_workers(x.shape[0], MIN_REFERENCES_PER_THREAD, x.device)
+    parts = parallel.run_split(
+        lambda part: _local_energy_by_ratios(model, hamiltonian, x[part], chunk_size),
+        x.shape[0],
+        workers,
+    )
+    return LocalEnergy(
+        torch.cat([p.total for p in parts]), torch.cat([p.off_diagonal for p in parts])
+    )
+
+
+@torch.no_grad()
+def _local_energy_by_ratios(
+    model: torch.nn.Module, hamiltonian, x: torch.Tensor, chunk_size: int
+) -> LocalEnergy:
+    """E_loc of configurations x via `ratio_cache` / `log_psi_ratios`, chunk by chunk."""
+    total = torch.empty(x.shape[0], dtype=torch.complex128, device=x.device)
+    off_diagonal = torch.empty_like(total)
+    first_changed = getattr(hamiltonian, "first_changed_site", None)
+    start, n_refs = 0, min(x.shape[0], 64)
+    while start < x.shape[0]:
+        stop = min(start + n_refs, x.shape[0])
+        cache = model.ratio_cache(x[start:stop])
+        x_conn, mels = hamiltonian.get_conn(x[start:stop])  # (b, K, N), (b, K)
+        off = mels[:, 1:]
+        rows, slots = torch.nonzero(off != 0, as_tuple=True)
+        first = None if first_changed is None else first_changed[1:].to(slots.device)[slots]
+        log_ratio = model.log_psi_ratios(
+            cache, rows, x_conn[:, 1:][rows, slots], first, chunk_size=chunk_size
+        )
+        part = torch.zeros(stop - start, dtype=torch.complex128, device=x.device)
+        part.index_add_(0, rows, off[rows, slots].to(torch.complex128) * torch.exp(log_ratio))
+        off_diagonal[start:stop] = part
+        total[start:stop] = mels[:, 0].to(torch.complex128) + part
+        per_ref = max(1, cache.nbytes // (stop - start))
+        start, n_refs = stop, max(1, RATIO_CACHE_BYTES // per_ref)
+    return LocalEnergy(total, off_diagonal)
+
+
+def _local_energy_full_passes(
+    model: torch.nn.Module, hamiltonian, batch: Samples, chunk_size: int
+) -> LocalEnergy:
+    """E_loc with one full network pass per connected configuration (any model)."""
     x = batch.x
     log_psi = batch.log_psi
     if log_psi is None:
         log_psi = _log_psi_chunked(model, x, chunk_size)
-    if batch.full_basis:
-        return _local_energy_full_basis(hamiltonian, log_psi)
     x_conn, mels = hamiltonian.get_conn(x)  # (B, K, N), (B, K)
     diagonal = mels[:, 0].to(torch.complex128)
     off = mels[:, 1:]

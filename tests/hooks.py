@@ -83,10 +83,33 @@ def _stall_in_history(path, column: str) -> None:
         _stall()
 
 
+_POISONED: list = []  # batches whose local energies come out NaN
+
+
+def _poison_local_energies() -> None:
+    """Wrap `vmc.local_energy` (once) so that the batches in _POISONED get NaN energies."""
+    from naqs_cli import vmc
+
+    original = vmc.local_energy
+    if getattr(original, "poisoning", False):
+        return
+
+    def local_energy(model, hamiltonian, batch, *args, **kwargs):
+        result = original(model, hamiltonian, batch, *args, **kwargs)
+        if any(batch is poisoned for poisoned in _POISONED):
+            nan = float("nan")
+            return vmc.LocalEnergy(result.total * nan, result.off_diagonal * nan)
+        return result
+
+    local_energy.poisoning = True
+    vmc.local_energy = local_energy
+
+
 def _nan_energies(step: int, batch) -> None:
     _record_progress(step, batch)
+    _poison_local_energies()
     if _in_calls(_count("batch")):
-        batch.log_psi = batch.log_psi * float("nan")  # every local energy becomes NaN
+        _POISONED[:] = [batch]  # every local energy of this step becomes NaN
 
 
 def _nan_parameters(step: int, model) -> None:

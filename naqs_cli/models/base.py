@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +17,70 @@ from naqs_cli.models.constraints import (
 
 #: Sampling paths accepted by `AutoregressiveWaveFunction.sample`.
 SAMPLING_METHODS = ("cached", "reference")
+
+
+@dataclass(frozen=True)
+class RatioCache:
+    """What `log_psi_ratios` reuses from the forward pass of the reference configurations.
+
+    Attributes:
+        x: (B, N) int8 reference configurations.
+        log_psi: (B,) complex128 ln Ψ(x).
+        site_log_psi: (B, N) complex128 ln ψ_i(x_i | x_<i), or None (generic path).
+        layers: model-specific per-layer activations (PixelCNN: one `LayerHalo` per layer),
+            or None.
+    """
+
+    x: Tensor
+    log_psi: Tensor
+    site_log_psi: Tensor | None = None
+    layers: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by the cache."""
+        tensors = [self.x, self.log_psi, self.site_log_psi]
+        for layer in self.layers or []:
+            tensors.extend(vars(layer).values())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Candidate configurations evaluated against a `RatioCache` (one per reference).
+
+    Attributes:
+        index: (M,) int64 distinct reference configurations.
+        x: (M, N) int8 candidates.
+        log_ratio: (M,) complex128 ln Ψ(x') − ln Ψ(x).
+        parts: model-specific recomputed activations for `accept`.
+    """
+
+    index: Tensor
+    x: Tensor
+    log_ratio: Tensor
+    parts: Any = None
+
+
+def generic_log_psi_ratios(
+    model: nn.Module, cache: RatioCache, index: Tensor, x_conn: Tensor, chunk_size: int = 4096
+) -> Tensor:
+    """Return ln Ψ(x') − ln Ψ(x) with one full network pass per x' (any wave function).
+
+    Args:
+        model: anything with `log_psi`.
+        cache: from `RatioCache(x, log_psi)`.
+        index: (M,) int64 reference configuration of each x'.
+        x_conn: (M, N) int8 configurations x'.
+        chunk_size: configurations per network pass.
+
+    Returns:
+        (M,) complex128.
+    """
+    if x_conn.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.complex128, device=cache.log_psi.device)
+    log_conn = torch.cat([model.log_psi(chunk) for chunk in x_conn.split(chunk_size)])
+    return log_conn.to(torch.complex128) - cache.log_psi[index]
 
 
 class AutoregressiveWaveFunction(nn.Module):
@@ -140,14 +207,104 @@ class AutoregressiveWaveFunction(nn.Module):
         Returns:
             (B,) complex128.
         """
+        return self.site_log_psi(log_magnitude, phase, x).sum(dim=-1)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        cache: RatioCache,
+        index: Tensor,
+        x_new: Tensor,
+        first_site: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> Proposal:
+        """Evaluate one candidate x' per distinct cached configuration (a Metropolis move).
+
+        Args:
+            cache: from `ratio_cache` on the current configurations.
+            index: (M,) int64 distinct references.
+            x_new: (M, N) int8 candidates.
+            first_site: as in `log_psi_ratios`.
+            chunk_size: as in `log_psi_ratios`.
+        """
+        log_ratio = self.log_psi_ratios(cache, index, x_new, first_site, chunk_size)
+        return Proposal(index=index, x=x_new, log_ratio=log_ratio)
+
+    @torch.no_grad()
+    def accept(self, cache: RatioCache, proposal: Proposal, accepted: Tensor) -> None:
+        """Move the accepted references of `cache` to their candidates (in place).
+
+        Args:
+            cache: the cache `proposal` was made from.
+            proposal: from `propose`.
+            accepted: (M,) bool.
+        """
+        ref = proposal.index[accepted]
+        cache.x[ref] = proposal.x[accepted]
+        cache.log_psi[ref] += proposal.log_ratio[accepted]
+
+    def site_log_psi(
+        self, log_magnitude: Tensor, phase: Tensor | None, x: Tensor, start: int = 0
+    ) -> Tensor:
+        """Return ln ψ_i(x_i | x_<i) for sites i ≥ start from their raw outputs, in float64.
+
+        Args:
+            log_magnitude: (B, N − start, 2) raw log-magnitudes of sites start … N − 1.
+            phase: (B, N − start, 2) raw phases, or None.
+            x: (B, N) int8 configurations the outputs belong to (all sites: the Σσᶻ
+                constraint counts the ups before each site).
+            start: first site.
+
+        Returns:
+            (B, N − start) complex128.
+        """
         x = x.to(log_magnitude.device)
-        site = torch.arange(self.n_sites, device=x.device)
-        cond = self.log_conditionals(log_magnitude, phase, count_up_before(x), site)
-        return cond.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).sum(dim=-1)
+        site = torch.arange(start, self.n_sites, device=x.device)
+        n_up_before = count_up_before(x)[:, start:]
+        cond = self.log_conditionals(log_magnitude, phase, n_up_before, site)
+        return cond.gather(-1, x[:, start:].long().unsqueeze(-1)).squeeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Alias of `log_psi`."""
         return self.log_psi(x)
+
+    @torch.no_grad()
+    def ratio_cache(self, x: Tensor) -> RatioCache:
+        """Run the network on reference configurations, keeping what `log_psi_ratios` reuses.
+
+        This generic version keeps ln Ψ(x) only; models with partial recomputation keep more.
+
+        Args:
+            x: (B, N) int8 configurations.
+        """
+        return RatioCache(x=x, log_psi=self.log_psi(x))
+
+    @torch.no_grad()
+    def log_psi_ratios(
+        self,
+        cache: RatioCache,
+        index: Tensor,
+        x_conn: Tensor,
+        first_site: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> Tensor:
+        """Return ln Ψ(x') − ln Ψ(x) for configurations x' close to cached references x.
+
+        The generic version runs the whole network on every x'; `PixelCNN` recomputes only
+        the sites from the first changed one on.
+
+        Args:
+            cache: from `ratio_cache` on the reference configurations.
+            index: (M,) int64, the reference configuration x = cache.x[index] of each x'.
+            x_conn: (M, N) int8 configurations x'.
+            first_site: (M,) int64 lower bounds of the first site where x' differs from x
+                (x'[:f] = x[:f]), or None to compute them.
+            chunk_size: configurations per full network pass (bounds memory).
+
+        Returns:
+            (M,) complex128.
+        """
+        return generic_log_psi_ratios(self, cache, index, x_conn, chunk_size)
 
     @torch.no_grad()
     def sample(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: Run the convolutions on channels-last (NHWC) activations: oneDNN's CPU kernels for the small
+#: channel counts of these networks are faster without the per-call NCHW ↔ blocked reorders.
+CHANNELS_LAST = True
 
 
 class WeightNormConv2d(nn.Module):
@@ -35,9 +41,18 @@ class WeightNormConv2d(nn.Module):
         norm = self.weight_v.flatten(1).norm(dim=1)
         return self.weight_v * (self.weight_g / norm).view(-1, 1, 1, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Convolve (B, in, H, W) → (B, out, H − kh + 1, W − kw + 1)."""
-        return F.conv2d(x, self.weight, self.bias)
+    def forward(self, x: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
+        """Convolve (B, in, H, W) → (B, out, H + 2ph − kh + 1, W + 2pw − kw + 1).
+
+        Args:
+            x: the input (made channels-last when `CHANNELS_LAST`: so is the output).
+            padding: symmetric zero padding (ph, pw), done inside the convolution kernel.
+        """
+        weight = self.weight
+        if CHANNELS_LAST:
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, self.bias, padding=padding)
 
 
 def shift_down(x: Tensor) -> Tensor:
@@ -77,6 +92,7 @@ class TwoStreamCausalLayer(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.exclusive = exclusive
+        self.channels = channels
         self.channels_a = channels // 2
         self.channels_b = channels - self.channels_a
         k = kernel_size
@@ -94,18 +110,111 @@ class TwoStreamCausalLayer(nn.Module):
             horizontal: (B, C_in, Ly, Lx) horizontal stream H.
 
         Returns:
-            V' and H', each (B, C, Ly, Lx), before activation.
+            V' (B, C, Ly − 1, Lx) (its last row feeds nothing) and H' (B, C, Ly, Lx), before
+            activation.
+        """
+        v, out, _ = self.forward_rows(vertical, horizontal)
+        return v, out
+
+    def forward_rows(
+        self,
+        vertical: Tensor,
+        horizontal: Tensor,
+        halo: LayerHalo | None = None,
+        record: bool = False,
+    ) -> tuple[Tensor, Tensor, LayerHalo | None]:
+        """Apply the layer to the rows r, r + 1, … of the streams, given what lies above row r.
+
+        Rows above r reach rows ≥ r only through p = K − 1 rows of the vertical input, one row
+        of ReLU(V') (the shifted-down `b` input) and p rows of [a, b]: with those from `halo`
+        the outputs on rows ≥ r equal the full layer's. Without a halo r = 0 (zero padding).
+
+        Row Ly − 1 of V' feeds nothing (V' reaches H only shifted down, and the next layer's
+        V' on rows ≤ Ly − 2 only): V' is computed on rows r … Ly − 2, and the vertical input
+        may have R or R − 1 rows.
+
+        Args:
+            vertical: (B, C_in, R or R − 1, Lx) vertical stream on rows r, r + 1, ….
+            horizontal: (B, C_in, R, Lx) horizontal stream on rows r … r + R − 1 = Ly − 1.
+            halo: the rows above r (from `record` on the full configuration), or None.
+            record: also return this layer's halo source for every row (for a cache).
+
+        Returns:
+            V' (B, C, R − 1, Lx) and H' (B, C, R, Lx) before activation, and with `record` a
+            `LayerHalo` whose tensors cover the rows computed, zero-padded on top (else None).
         """
         p = self.kernel_size - 1
         h = p // 2
-        v = self.vertical(F.pad(vertical, (h, h, p, 0)))
-        t = F.relu(self.horizontal(F.pad(horizontal, (p, 0, 0, 0))))
+        n_batch, _, n_rows, n_cols = horizontal.shape
+        # V' on the last row would only feed the row below it: rows r … Ly − 2 suffice.
+        vertical = vertical[:, :, : n_rows - 1]
+        if halo is None:
+            v_in = F.pad(vertical, (0, 0, p, 0))
+        else:
+            v_in = torch.cat([halo.vertical, vertical], dim=2)
+        if n_rows == 1:
+            v = horizontal.new_zeros(n_batch, self.channels, 0, n_cols)
+        else:
+            v = self.vertical(v_in, padding=(0, h))
+        t = F.relu(self.horizontal(F.pad(horizontal, (p, 0, 0, 0))), inplace=True)
         if self.exclusive:
             t = shift_right(t)
-        a = F.relu(self.to_a(t))
-        b = F.relu(self.to_b(shift_down(F.relu(v))))
-        out = self.out(F.pad(torch.cat([a, b], dim=1), (p, 0, p, 0)))
-        return v, out
+        relu_v = F.relu(v)
+        if halo is None:
+            above = F.pad(relu_v, (0, 0, 1, 0))
+        else:
+            above = torch.cat([halo.relu_v, relu_v], dim=2)
+        # The output conv's input: [a, b] with the p rows above on top (zeros or the halo) and
+        # p zero columns on the left, written in place (no concatenations or padding copies).
+        ab_in = torch.empty(
+            n_batch,
+            self.channels,
+            p + n_rows,
+            p + n_cols,
+            dtype=horizontal.dtype,
+            device=horizontal.device,
+            memory_format=torch.channels_last if CHANNELS_LAST else torch.contiguous_format,
+        )
+        ab_in[:, :, :, :p] = 0
+        ab_in[:, :, :p, p:] = 0 if halo is None else halo.ab
+        ab_in[:, : self.channels_a, p:, p:] = F.relu(self.to_a(t), inplace=True)
+        ab_in[:, self.channels_a :, p:, p:] = F.relu(self.to_b(above), inplace=True)
+        out = self.out(ab_in)
+        recorded = None
+        if record:
+            recorded = LayerHalo(vertical=v_in, relu_v=above, ab=ab_in[:, :, :, p:])
+        return v, out, recorded
+
+
+@dataclass(frozen=True)
+class LayerHalo:
+    """What a `TwoStreamCausalLayer` needs from the rows above the first row it recomputes.
+
+    Recorded for all rows with p = K − 1 (vertical, ab) or 1 (relu_v) zero rows on top, so the
+    halo of row r is `rows(r)`: padded rows r … r + p − 1 (resp. r), i.e. rows r − p … r − 1.
+
+    Attributes:
+        vertical: (B, C_in, p + Ly − 1, Lx) the layer's vertical input stream.
+        relu_v: (B, C, Ly, Lx) ReLU of its vertical output V' (rows −1 … Ly − 2).
+        ab: (B, C, p + Ly, Lx) its [a, b] channels, input of the output convolution.
+    """
+
+    vertical: Tensor
+    relu_v: Tensor
+    ab: Tensor
+
+    def rows(self, index: Tensor, row: int) -> LayerHalo:
+        """Return the halo of first recomputed row `row` for the samples `index`."""
+        p = self.vertical.shape[2] - self.relu_v.shape[2] + 1
+        return LayerHalo(
+            vertical=self.vertical[index, :, row : row + p],
+            relu_v=self.relu_v[index, :, row : row + 1],
+            ab=self.ab[index, :, row : row + p],
+        )
+
+    def select(self, index: Tensor) -> LayerHalo:
+        """Return the halos of the samples `index` (all rows)."""
+        return LayerHalo(self.vertical[index], self.relu_v[index], self.ab[index])
 
 
 class MaskedLinear(nn.Linear):

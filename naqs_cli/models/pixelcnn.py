@@ -9,8 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naqs_cli.lattice import SquareLattice
-from naqs_cli.models.base import AutoregressiveWaveFunction
-from naqs_cli.models.layers import TwoStreamCausalLayer
+from naqs_cli.models.base import (
+    AutoregressiveWaveFunction,
+    Proposal,
+    RatioCache,
+    generic_log_psi_ratios,
+)
+from naqs_cli.models.layers import LayerHalo, TwoStreamCausalLayer
 
 #: The head's Glorot-uniform weights are scaled by this, so the conditionals start near 1/2.
 HEAD_INIT_SCALE = 1e-2
@@ -86,6 +91,7 @@ class PixelCNN(AutoregressiveWaveFunction):
             for i in range(layers)
         )
         self.residual_source = residual_sources(layers)
+        self._residual_targets = {s for s in self.residual_source if s is not None}
         self.n_outputs = 4 if self.phase else 2
         self.head = nn.Conv2d(channels, self.n_outputs, 1)
         with torch.no_grad():
@@ -105,20 +111,205 @@ class PixelCNN(AutoregressiveWaveFunction):
         """
         n_batch = x.shape[0]
         image = self.spins(x).view(n_batch, 1, *self.lattice.shape)
-        vertical, horizontal = [image], [image]
+        out, _ = self._run_layers(image)
+        return out[..., :2], (out[..., 2:] if self.phase else None)
+
+    def _run_layers(
+        self, image: Tensor, halos: list[LayerHalo] | None = None, record: bool = False
+    ) -> tuple[Tensor, list[LayerHalo] | None]:
+        """Run the causal layers and the head on rows r … Ly − 1 of the ±1 image.
+
+        Args:
+            image: (B, 1, R, Lx) spins of rows r = Ly − R … Ly − 1.
+            halos: per layer, what lies above row r (None: r = 0, zero padding).
+            record: also return every layer's `LayerHalo` of rows r … (padded on top).
+
+        Returns:
+            head outputs (B, R·Lx, n_outputs) and the recorded halos (None without `record`).
+        """
+        vertical, horizontal = image, image
+        saved: dict[int, tuple[Tensor, Tensor]] = {}  # streams a later layer adds back
+        recorded: list[LayerHalo] = []
         last = self.n_layers - 1
         for i, layer in enumerate(self.causal_layers):
-            v, h = layer(vertical[i], horizontal[i])
+            if i in self._residual_targets:
+                saved[i] = (vertical, horizontal)
+            halo = None if halos is None else halos[i]
+            v, h, rec = layer.forward_rows(vertical, horizontal, halo, record)
+            if record:
+                recorded.append(rec)
             if i == last:
                 break
             source = self.residual_source[i]
             if source is not None:
-                v = v + vertical[source]
-                h = h + horizontal[source]
-            vertical.append(F.relu(v))
-            horizontal.append(F.relu(h))
-        out = self.head(F.relu(h)).flatten(2).transpose(1, 2)  # (B, N, n_outputs)
-        return out[..., :2], (out[..., 2:] if self.phase else None)
+                v_source, h_source = saved.pop(source)
+                v = v + v_source[:, :, : v.shape[2]]
+                h = h + h_source
+            vertical, horizontal = F.relu(v, inplace=True), F.relu(h, inplace=True)
+        out = self.head(F.relu(h)).flatten(2).transpose(1, 2)  # (B, R·Lx, n_outputs)
+        return out, (recorded if record else None)
+
+    def activation_bytes_per_sample(self) -> int:
+        """Estimate the autograd memory of one configuration's forward pass (for chunking).
+
+        About 14 saved activations of C channels per layer and site (measured: 12 for the
+        paper's 18 × 32 model at L = 21, 12.2 MB per configuration).
+        """
+        itemsize = self._parameter_like().element_size()
+        return 14 * self.n_layers * self.channels * self.n_sites * itemsize
+
+    @torch.no_grad()
+    def ratio_cache(self, x: Tensor) -> RatioCache:
+        """Run the network on x keeping every layer's halo rows and ln ψ_i(x_i) per site.
+
+        Memory: about 3·layers·C·(Ly + 2)·Lx floats per configuration (≈ 3.4 MB for the
+        paper's 18 × 32 model at L = 21): callers chunk the reference configurations.
+
+        Args:
+            x: (B, N) int8 configurations.
+        """
+        image = self.spins(x).view(x.shape[0], 1, *self.lattice.shape)
+        out, halos = self._run_layers(image, record=True)
+        site_log = self.site_log_psi(out[..., :2], out[..., 2:] if self.phase else None, x)
+        return RatioCache(x=x, log_psi=site_log.sum(dim=-1), site_log_psi=site_log, layers=halos)
+
+    @torch.no_grad()
+    def log_psi_ratios(
+        self,
+        cache: RatioCache,
+        index: Tensor,
+        x_conn: Tensor,
+        first_site: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> Tensor:
+        """Return ln Ψ(x') − ln Ψ(x) recomputing only rows from x\'s first changed row on.
+
+        For x' equal to x before site j (row r = j // Lx), conditionals before j are unchanged:
+        ln Ψ(x') − ln Ψ(x) = Σ_{i ≥ r·Lx} [ln ψ_i(x'_i) − ln ψ_i(x_i)]. Every layer's rows
+        above r are reused from the cache (`LayerHalo`): configurations are grouped by first
+        changed row and the network runs on rows r … Ly − 1 only, about (Ly − r)/Ly of a
+        forward pass; the differences are summed in float64.
+
+        Args:
+            cache: from `ratio_cache` (a generic cache falls back to full passes).
+            index: (M,) int64, the reference configuration cache.x[index] of each x'.
+            x_conn: (M, N) int8 configurations x'.
+            first_site: (M,) int64 with x'[:f] = x[:f] (a lower bound of the first changed
+                site), or None to compute it.
+            chunk_size: configurations per full-network-pass equivalent (bounds memory).
+
+        Returns:
+            (M,) complex128.
+        """
+        if cache.layers is None:
+            return generic_log_psi_ratios(self, cache, index, x_conn, chunk_size)
+        return self._partial_passes(cache, index, x_conn, first_site, chunk_size, None)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        cache: RatioCache,
+        index: Tensor,
+        x_new: Tensor,
+        first_site: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> Proposal:
+        """Evaluate one candidate per cached configuration, keeping its rows for `accept`.
+
+        As `log_psi_ratios` (at most one x' per reference), but the recomputed rows are kept,
+        so accepting a move only copies them into the cache: a Metropolis step costs about
+        (Ly − r)/Ly of a forward pass, not one.
+        """
+        if cache.layers is None:
+            return super().propose(cache, index, x_new, first_site, chunk_size)
+        parts: list = []
+        log_ratio = self._partial_passes(cache, index, x_new, first_site, chunk_size, parts)
+        return Proposal(index=index, x=x_new, log_ratio=log_ratio, parts=parts)
+
+    @torch.no_grad()
+    def accept(self, cache: RatioCache, proposal: Proposal, accepted: Tensor) -> None:
+        """Replace the cached configurations by their accepted proposals (in place).
+
+        Args:
+            cache: the cache `proposal` was made from.
+            proposal: from `propose`.
+            accepted: (M,) bool, one flag per proposal.
+        """
+        if cache.layers is None:
+            super().accept(cache, proposal, accepted)
+            return
+        p = self.kernel_size - 1
+        n_cols = self.lattice.shape[1]
+        for members, row, site_log, recorded in proposal.parts:
+            keep = accepted[members]
+            if not bool(keep.any()):
+                continue
+            ref = proposal.index[members][keep]
+            start = row * n_cols
+            cache.x[ref] = proposal.x[members][keep]
+            cache.log_psi[ref] += proposal.log_ratio[members][keep]
+            cache.site_log_psi[ref, start:] = site_log[keep]
+            for layer, new in zip(cache.layers, recorded, strict=True):
+                layer.vertical[ref, :, p + row :] = new.vertical[keep, :, p:]
+                layer.relu_v[ref, :, 1 + row :] = new.relu_v[keep, :, 1:]
+                layer.ab[ref, :, p + row :] = new.ab[keep, :, p:]
+
+    def _partial_passes(
+        self,
+        cache: RatioCache,
+        index: Tensor,
+        x_conn: Tensor,
+        first_site: Tensor | None,
+        chunk_size: int,
+        parts: list | None,
+    ) -> Tensor:
+        """Group x' by first changed row and run the rows below (see `log_psi_ratios`).
+
+        With `parts` a list, appends (members, row, new ln ψ_i, recorded halos) per pass.
+        """
+        n_rows, n_cols = self.lattice.shape
+        x_conn = x_conn.to(cache.x.device)
+        index = index.to(cache.x.device)
+        if first_site is None:
+            differs = x_conn != cache.x[index]
+            first_site = torch.where(
+                differs.any(dim=-1), differs.to(torch.uint8).argmax(dim=-1), self.n_sites
+            )
+        first_row = torch.clamp(first_site.to(cache.x.device) // n_cols, max=n_rows)
+        result = torch.zeros(x_conn.shape[0], dtype=torch.complex128, device=cache.x.device)
+        for row in torch.unique(first_row).tolist():
+            if row >= n_rows:
+                continue  # x' = x: ratio 1
+            members = torch.nonzero(first_row == row, as_tuple=True)[0]
+            per_pass = max(1, chunk_size * n_rows // (n_rows - row))
+            for part in members.split(per_pass):
+                ratio, site_log, recorded = self._rows_log_ratio(
+                    cache, index[part], x_conn[part], row, parts is not None
+                )
+                result[part] = ratio
+                if parts is not None:
+                    parts.append((part, row, site_log, recorded))
+        return result
+
+    def _rows_log_ratio(
+        self, cache: RatioCache, index: Tensor, x_conn: Tensor, row: int, record: bool = False
+    ) -> tuple[Tensor, Tensor, list[LayerHalo] | None]:
+        """Run rows ≥ row of x' on the cached halos.
+
+        Returns:
+            Σ_{i ≥ row·Lx} ln ψ_i(x'_i) − ln ψ_i(x_i) (M,) complex128, the new ln ψ_i(x'_i)
+            (M, N − row·Lx), and with `record` the layers' recorded rows (top rows padding).
+        """
+        n_rows, n_cols = self.lattice.shape
+        start = row * n_cols
+        like = self._parameter_like()
+        spins = 2 * x_conn[:, start:].to(device=like.device, dtype=like.dtype) - 1
+        spins = spins.view(x_conn.shape[0], 1, n_rows - row, n_cols)
+        halos = [layer.rows(index, row) for layer in cache.layers]
+        out, recorded = self._run_layers(spins, halos, record=record)
+        phase = out[..., 2:] if self.phase else None
+        new = self.site_log_psi(out[..., :2], phase, x_conn, start)
+        return (new - cache.site_log_psi[index, start:]).sum(dim=-1), new, recorded
 
     def _sample_cached(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
         """Sample with cached activations, computing only what each new site needs (Fig. 1b).

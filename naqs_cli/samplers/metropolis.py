@@ -1,6 +1,9 @@
 """Metropolis–Hastings sampling of |Ψ|² with many chains advanced together (the VMC baseline).
 
-Each proposal step moves every chain at once with one `model.log_psi` call over the chains:
+Each proposal step moves every chain at once. Models with a ratio cache (`propose` / `accept`,
+the autoregressive ones) evaluate the proposals by partial recomputation against each chain's
+own cached activations (a PixelCNN recomputes only the rows from the moved site on); others
+run `model.log_psi` over the proposals:
 
 * `flip`: flip one uniformly random site (TFIM);
 * `exchange`: pick one uniformly random lattice bond and swap its two spins (keeps Σσᶻ;
@@ -16,6 +19,8 @@ sweeps apart; `burn_in` sweeps run on first use (and after `reset`). Chains pers
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +30,27 @@ from naqs_cli.samplers import Samples
 INITS = ("random", "up", "down")
 #: Accepted values of `move`.
 MOVES = ("auto", "flip", "exchange")
+
+
+@dataclass
+class _ChainState:
+    """The chains' configurations, ln Ψ and (for models with `propose`) the ratio cache.
+
+    With a cache, a proposal is evaluated by partial recomputation against the chain's own
+    activations, and an accepted move copies the recomputed rows into the cache.
+    """
+
+    x: torch.Tensor
+    log_psi: torch.Tensor
+    cache: Any = None
+
+    @classmethod
+    def start(cls, model: torch.nn.Module, x: torch.Tensor) -> _ChainState:
+        """Evaluate the model on the chain states x (ln Ψ and, where possible, the cache)."""
+        if hasattr(model, "propose"):
+            cache = model.ratio_cache(x.clone())
+            return cls(x=x, log_psi=cache.log_psi.clone(), cache=cache)
+        return cls(x=x, log_psi=model.log_psi(x).to(torch.complex128))
 
 
 def fixed_n_up(model: torch.nn.Module) -> int | None:
@@ -209,10 +235,9 @@ class MetropolisSampler:
         self.needs_burn_in = True
 
     @torch.no_grad()
-    def _step(
-        self, model: torch.nn.Module, x: torch.Tensor, log_psi: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Advance every chain by one proposal; return x, ln Ψ and the number accepted."""
+    def _step(self, model: torch.nn.Module, state: _ChainState) -> int:
+        """Advance every chain by one proposal (in place); return the number accepted."""
+        x, log_psi = state.x, state.log_psi
         n_chains = x.shape[0]
         moves = torch.randint(
             0, self.n_moves, (n_chains,), generator=self.generator, device=self.device
@@ -221,27 +246,32 @@ class MetropolisSampler:
             n_chains, generator=self.generator, dtype=torch.float64, device=self.device
         )
         proposal, changed = self.apply_moves(x, moves)
-        if self.move == "flip":
-            candidates = None
-            log_psi_new = model.log_psi(proposal)
-        else:  # no-op exchanges need no network pass
-            candidates = torch.nonzero(changed, as_tuple=True)[0]
+        first = moves if self.move == "flip" else self.bonds[moves].amin(dim=1)
+        # No-op exchanges need no network pass.
+        candidates = None if self.move == "flip" else torch.nonzero(changed, as_tuple=True)[0]
+        if state.cache is not None:
+            index = torch.arange(n_chains, device=x.device) if candidates is None else candidates
+            move = model.propose(state.cache, index, proposal[index], first[index])
+            log_psi_new = log_psi.clone()
+            log_psi_new[index] = log_psi[index] + move.log_ratio
+        elif candidates is None:
+            log_psi_new = model.log_psi(proposal).to(log_psi.dtype)
+        else:
             log_psi_new = log_psi.clone()
             if candidates.numel() > 0:
                 log_psi_new[candidates] = model.log_psi(proposal[candidates]).to(log_psi.dtype)
         accept = changed & (uniforms < self.acceptance_probability(log_psi, log_psi_new))
-        x = torch.where(accept[:, None], proposal, x)
-        log_psi = torch.where(accept, log_psi_new.to(log_psi.dtype), log_psi)
-        return x, log_psi, int(accept.sum())
+        if state.cache is not None:
+            model.accept(state.cache, move, accept[index])
+        state.x = torch.where(accept[:, None], proposal, x)
+        state.log_psi = torch.where(accept, log_psi_new, log_psi)
+        return int(accept.sum())
 
-    def _sweeps(
-        self, model: torch.nn.Module, x: torch.Tensor, log_psi: torch.Tensor, n_sweeps: int
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _sweeps(self, model: torch.nn.Module, state: _ChainState, n_sweeps: int) -> int:
         accepted = 0
         for _ in range(n_sweeps * self.n_sites):
-            x, log_psi, n = self._step(model, x, log_psi)
-            accepted += n
-        return x, log_psi, accepted
+            accepted += self._step(model, state)
+        return accepted
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, n_samples: int | None = None) -> Samples:
@@ -266,15 +296,15 @@ class MetropolisSampler:
         if self.x is None:
             self.x = self.initial_states(model)
             self.needs_burn_in = True
-        x = self.x
-        log_psi = model.log_psi(x).to(torch.complex128)
+        state = _ChainState.start(model, self.x)
+        log_psi = state.log_psi
         if not bool(torch.isfinite(log_psi.real).all()):
             raise ValueError(
                 "a chain sits on a configuration with Ψ = 0 (outside the model's Σσᶻ sector?);"
                 " check sampler.init and sampler.move against model.total_sz"
             )
         if self.needs_burn_in:
-            x, log_psi, _ = self._sweeps(model, x, log_psi, self.burn_in)
+            self._sweeps(model, state, self.burn_in)
             self.needs_burn_in = False
         kept_x = torch.empty(
             self.n_chains, per_chain, self.n_sites, dtype=torch.int8, device=self.device
@@ -284,11 +314,10 @@ class MetropolisSampler:
         )
         accepted = 0
         for t in range(per_chain):
-            x, log_psi, n_accepted = self._sweeps(model, x, log_psi, self.sweeps_between_samples)
-            accepted += n_accepted
-            kept_x[:, t] = x
-            kept_log_psi[:, t] = log_psi
-        self.x = x
+            accepted += self._sweeps(model, state, self.sweeps_between_samples)
+            kept_x[:, t] = state.x
+            kept_log_psi[:, t] = state.log_psi
+        self.x = state.x
         n_proposals = per_chain * self.sweeps_between_samples * self.n_sites * self.n_chains
         return Samples(
             x=kept_x.reshape(-1, self.n_sites),
