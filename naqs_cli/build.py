@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from naqs_cli import distributed
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.limits import ED_MAX_SITES, FULLSUM_MAX_SITES
 
@@ -45,6 +46,8 @@ MAX_SEED = 2**62
 
 class ConfigError(ValueError):
     """A user mistake in the composed configuration (one line, shown without traceback)."""
+
+    exit_code = 2
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -104,9 +107,15 @@ def normalize_sign_rule(value: Any) -> str:
 
 # --- builders -----------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    """Return the torch device for `device` = auto | cpu | cuda."""
+    """Return the torch device for `device` = auto | cpu | cuda.
+
+    `auto` is CUDA when present. Under torchrun each rank gets GPU LOCAL_RANK (modulo the GPU
+    count), so the ranks of one node use one GPU each.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.env_world_size() > 1 and torch.cuda.is_available():
+        return torch.device("cuda", distributed.env_local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -166,16 +175,36 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "base", model)
 
 
-def build_sampler(cfg: DictConfig, hamiltonian, device: torch.device, seed: int, rank: int = 0):
-    """Return the sampler of `cfg.sampler`, its generator seeded `seed + 1000·rank`."""
+def build_sampler(
+    cfg: DictConfig,
+    hamiltonian,
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """Return rank `rank`'s sampler of `cfg.sampler`, its generator seeded `seed + 1000·rank`.
+
+    On several ranks each one gets its share: `sampler.n_samples / world_size` samples by
+    default, `sampler.n_chains / world_size` Markov chains (mcmc), its part of the basis
+    (fullsum). `validate` checks that the counts divide.
+    """
     from hydra.utils import get_class
 
     kwargs = OmegaConf.to_container(cfg.sampler, resolve=True)
     target = kwargs.pop("_target_")
     cls = get_class(target)
+    kind = target_kind(cfg.sampler)
     extra: dict[str, Any] = {"seed": seed + 1000 * rank, "device": device}
-    if target_kind(cfg.sampler) in ("mcmc", "fullsum"):
+    if kind in ("mcmc", "fullsum"):
         extra["hamiltonian"] = hamiltonian
+    if world_size > 1:
+        if kind == "fullsum":
+            extra.update(rank=rank, world_size=world_size)
+        else:
+            kwargs["n_samples"] = max(1, int(kwargs["n_samples"]) // world_size)
+        if kind == "mcmc":
+            kwargs["n_chains"] = max(1, int(kwargs["n_chains"]) // world_size)
     return cls(**kwargs, **extra)
 
 
@@ -449,6 +478,10 @@ def _validate_sampler(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) ->
     kind = target_kind(cfg.sampler)
     _choice("sampler", kind, SAMPLER_KINDS)
     _int_at_least("sampler.n_samples", cfg.sampler.n_samples, 1)
+    if kind != "fullsum" and (cfg.get("train") is None or cfg.train.stages is None):
+        _divides_over_ranks("sampler.n_samples", cfg.sampler.n_samples, "samples")
+    if kind == "mcmc":
+        _divides_over_ranks("sampler.n_chains", cfg.sampler.n_chains, "Markov chains")
     if kind == "direct":
         _choice("sampler.method", cfg.sampler.method, DIRECT_METHODS)
     if kind == "fullsum" and lattice.n_sites > FULLSUM_MAX_SITES:
@@ -497,6 +530,18 @@ def _validate_sampler(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) ->
             )
 
 
+def _divides_over_ranks(key: str, value: Any, what: str) -> None:
+    """Refuse a count that torchrun's ranks cannot share equally (WORLD_SIZE from the env)."""
+    n_ranks = distributed.env_world_size()
+    if n_ranks > 1 and isinstance(value, int) and value % n_ranks != 0:
+        _fail(
+            key,
+            value,
+            f"must be a multiple of the number of ranks (WORLD_SIZE={n_ranks}), so that every"
+            f" rank holds {key.rsplit('.', 1)[-1]}/{n_ranks} {what}",
+        )
+
+
 def _validate_optim(cfg: DictConfig) -> None:
     _positive("optim.lr", cfg.optim.lr)
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
@@ -532,6 +577,8 @@ def _validate_train(cfg: DictConfig) -> None:
             _int_at_least(f"train.stages[{i}].steps", stage.steps, 1)
             _int_at_least(f"train.stages[{i}].n_samples", stage.n_samples, 1)
             _positive(f"train.stages[{i}].lr", stage.lr)
+            if target_kind(cfg.sampler) != "fullsum":
+                _divides_over_ranks(f"train.stages[{i}].n_samples", stage.n_samples, "samples")
     if train.init_from is not None:
         validate_path("train.init_from", train.init_from)
 

@@ -5,6 +5,10 @@ naqs evaluate CHECKPOINT [overrides] observables of a trained model
 naqs compare sampling CHECKPOINT     direct sampling vs Markov chains (paper Fig. 2)
 naqs compare training [overrides]    direct vs MCMC-driven training (paper Fig. 3)
 naqs exact [overrides]               exact ground state (ED or free fermions)
+
+torchrun --nproc_per_node=P -m naqs_cli train [overrides]   data-parallel training on P
+processes: rank 0 picks the run directory and alone writes; a user error is one line from
+rank 0 and every rank exits with code 2.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 SUBCOMMANDS = {
@@ -34,6 +39,14 @@ CHECKPOINT_TASKS = ("evaluate", "compare_sampling")
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve")
 #: Largest sweep that is pre-validated combination by combination.
 MAX_PREVALIDATED_JOBS = 256
+#: Hydra launchers from the optional extra naqs[cluster], with the plugin module each needs
+#: (`slurm` is our preset, conf/hydra/launcher/slurm.yaml, on top of `submitit_slurm`).
+CLUSTER_LAUNCHERS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+}
 GROUPS = ("lattice", "ham", "model", "sampler", "optim", "experiment")
 
 USAGE = """usage: naqs <command> [overrides...]
@@ -51,6 +64,8 @@ Runs land in outputs/<command>/<date>/<time>/.
 
 class UserError(Exception):
     """A mistake on the command line, reported as one line with exit code 2."""
+
+    exit_code = 2
 
 
 def _usage() -> str:
@@ -158,6 +173,18 @@ def _resume_run_dir(task: str, flags: list[str], overrides: list[str]) -> list[s
     ]
 
 
+def _check_flag_combination(flags: list[str]) -> None:
+    """Refuse Hydra's mutually exclusive modes (-m with --cfg/--info) in one line."""
+    modes = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg"}
+    modes |= {"--info": "--info", "-i": "--info", "--shell-completion": "--shell-completion"}
+    given = sorted({modes[f] for f in flags if f in modes})
+    if len(given) > 1:
+        raise UserError(
+            f"{' and '.join(given)} cannot be combined: Hydra runs one mode at a time (e.g. drop"
+            " -m to print the config a sweep's jobs start from with --cfg)"
+        )
+
+
 def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     flags, overrides = [], []
     takes_value = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir")
@@ -260,6 +287,29 @@ def _hydra_run_dir(overrides: list[str]) -> str | None:
     return str(value) if value else None
 
 
+def _check_launcher(overrides: list[str]) -> None:
+    """Raise UserError if a `hydra/launcher=` override names a launcher that is not installed."""
+    import importlib.util
+
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        module = CLUSTER_LAUNCHERS.get(value.strip("'\""))
+        if key.lstrip("+") == "hydra/launcher" and module:
+            try:
+                missing = importlib.util.find_spec(module) is None
+            except ImportError:
+                missing = True
+            if missing:
+                raise UserError(_missing_launcher(value))
+
+
+def _missing_launcher(name: str) -> str:
+    return (
+        f"hydra/launcher={name}: the launcher plugins are not installed;"
+        " pip install 'naqs[cluster]' (or make install)"
+    )
+
+
 def check_overrides(task: str, overrides: list[str], flags: list[str] | None = None) -> str | None:
     """Return the one-line error the CLI prints for these overrides, or None if they are valid.
 
@@ -273,6 +323,7 @@ def check_overrides(task: str, overrides: list[str], flags: list[str] | None = N
         flags: Hydra flags such as -m.
     """
     try:
+        _check_launcher(list(overrides))
         _prevalidate(task, list(flags or []), _quote_paths(list(overrides)))
     except _user_error_types() as err:
         return _one_line(err, task)
@@ -290,6 +341,8 @@ def _one_line(err: BaseException, task: str | None = None) -> str:
         name = err.missing_cfg_file or ""
         if "/" in name:
             group, option = name.rsplit("/", 1)
+            if group == "hydra/launcher" and option in CLUSTER_LAUNCHERS:  # e.g. with --cfg
+                return _missing_launcher(option)
             allowed = " | ".join(options) if options else "see --help"
             return f"{group}={option}: no such option; allowed: {allowed}"
         return str(err).strip().splitlines()[0]
@@ -343,8 +396,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def _fail(command: str, message: str, code: int = 2) -> None:
-    sys.stderr.write(f"naqs {command}: error: {message}\n")
-    sys.stderr.flush()
+    if _launch_rank() == 0:  # under torchrun every rank fails alike; rank 0 says why
+        sys.stderr.write(f"naqs {command}: error: {message}\n")
+        sys.stderr.flush()
     raise SystemExit(code)
 
 
@@ -356,7 +410,9 @@ def _os_error_line(err: OSError) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
+def _run_hydra(
+    command: str, task: str, hydra_args: list[str], on_start: Callable[[], None] | None = None
+) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -370,6 +426,8 @@ def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
     def app(cfg) -> None:
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
+        if on_start is not None:
+            on_start()
         try:
             if task == "train":
                 result = tasks.train(cfg, out_dir, overrides=list(hc.overrides.task))
@@ -391,6 +449,152 @@ def _run_hydra(command: str, task: str, hydra_args: list[str]) -> None:
     app()
 
 
+# --- torchrun: data-parallel training ---------------------------------------------------
+def _launch_world_size() -> int:
+    """Return WORLD_SIZE as set by torchrun (1 when unset); read without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _launch_rank() -> int:
+    """Return RANK as set by torchrun (0 when unset)."""
+    return int(os.environ.get("RANK", "0") or 0) if _launch_world_size() > 1 else 0
+
+
+def _check_torchrun(command: str, task: str, flags: list[str]) -> bool:
+    """Return whether this process is one of several torchrun ranks that must train together.
+
+    Raises:
+        UserError: torchrun around another command than train, or around a sweep.
+    """
+    n_ranks = _launch_world_size()
+    if n_ranks <= 1 or any(f in INFO_FLAGS or f.startswith("--cfg") for f in flags):
+        return False
+    if task != "train":
+        raise UserError(
+            f"torchrun (WORLD_SIZE={n_ranks}): only `naqs train` runs on several processes;"
+            f" run `naqs {command}` without torchrun"
+        )
+    if any(f in ("-m", "--multirun") for f in flags):
+        raise UserError(
+            f"-m/--multirun: a sweep cannot run under torchrun (WORLD_SIZE={n_ranks}); start"
+            " one torchrun per point of the sweep (or use hydra/launcher=... without torchrun)"
+        )
+    return True
+
+
+def _note_resume_world_size(task: str, flags: list[str], overrides: list[str]) -> None:
+    """Say on stderr (rank 0) when a run resumes on another number of ranks than it had."""
+    if task != "train" or any(f in ("-m", "--multirun") for f in flags) or _launch_rank() != 0:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    value = next((o.value() for o in parsed if o.key_or_group == "resume"), None)
+    if not value:
+        return
+    from naqs_cli import store, tasks
+
+    state = store.load_checkpoint(value)
+    note = tasks.resume_world_note(tasks.checkpoint_world_size(state), _launch_world_size())
+    if note is not None:
+        sys.stderr.write(f"naqs train: note: {note}\n")
+        sys.stderr.flush()
+
+
+def _planned_run_dir(task: str, overrides: list[str]) -> str:
+    """Return the absolute run directory Hydra would make of these overrides (rank 0 decides
+    it once, so that `${now:...}` in `hydra.run.dir` gives every rank the same one)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from naqs_cli import CONF_DIR
+
+    _register_configs_once()
+    GlobalHydra.instance().clear()
+    wanted = [o for o in overrides if not o.lstrip("+~").startswith("hydra/")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=task, overrides=wanted, return_hydra_config=True)
+    try:
+        run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+    except Exception as err:  # an interpolation that needs Hydra's runtime
+        raise UserError(
+            f"hydra.run.dir: cannot be resolved before the run under torchrun ({err});"
+            " give a plain directory"
+        ) from None
+    return str(Path(run_dir).expanduser().resolve())
+
+
+def _run_ranks(command: str, task: str, flags: list[str], overrides: list[str]) -> None:
+    """Train on every torchrun rank: rank 0 picks the run directory and runs the Hydra app
+    (the only one to write), the other ranks run the task on the same directory without Hydra
+    (no .hydra/, no log file). Every rank exits with the same code."""
+    import logging
+
+    from naqs_cli import distributed, tasks
+
+    distributed.init()
+    released = False
+
+    def release(code: int = 0) -> None:
+        nonlocal released
+        if not released:
+            released = True
+            distributed.broadcast_object(code)
+
+    try:
+        try:
+            run_dir = distributed.on_main(lambda: _planned_run_dir(task, overrides))
+        except distributed.PeerFailedError as err:
+            raise SystemExit(err.exit_code) from None
+        job = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        if distributed.is_main():
+            try:
+                _run_hydra(
+                    command,
+                    task,
+                    [*flags, *job, *_hydra_overrides(overrides, run_dir)],
+                    on_start=release,
+                )
+            except SystemExit as err:  # failed before the job started: let the others go
+                release(err.code if isinstance(err.code, int) and err.code else 1)
+                raise
+            except BaseException:
+                release(1)
+                raise
+            return
+        code = distributed.broadcast_object(None)  # rank 0 started the job, or failed
+        if code:
+            raise SystemExit(code)
+        logging.basicConfig(
+            level=logging.ERROR,
+            format=f"[rank {distributed.rank()}] %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+        try:
+            tasks.train(_compose(task, job), Path(run_dir), overrides=job)
+        except (distributed.PeerFailedError, tasks.InterruptedRunError) as err:
+            raise SystemExit(err.exit_code) from None
+        except tasks.TrainingDivergedError:
+            raise SystemExit(3) from None
+        except OSError:
+            raise SystemExit(1) from None
+        except _user_error_types():
+            raise SystemExit(2) from None
+    finally:
+        distributed.shutdown()
+
+
+def _hydra_overrides(overrides: list[str], run_dir: str) -> list[str]:
+    """Return the `hydra.*` overrides with the run directory rank 0 picked."""
+    kept = [
+        o
+        for o in overrides
+        if o.lstrip("+~").startswith(("hydra.", "hydra/")) and not o.startswith("hydra.run.dir=")
+    ]
+    return [*kept, "hydra.run.dir=" + _quote(run_dir)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `naqs` console script.
 
@@ -400,17 +604,25 @@ def main(argv: list[str] | None = None) -> None:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    if _launch_rank() > 0:  # under torchrun only rank 0 prints (help, summary)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         command, task, rest = _split_command(argv)
         flags, positional = _split_flags(rest)
+        _check_flag_combination(flags)
         overrides = _quote_paths(_rewrite_checkpoint(task, positional))
         os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves
+        on_ranks = _check_torchrun(command, task, flags)
         if not any(f in INFO_FLAGS or f.startswith("--cfg") for f in flags):
             message = check_overrides(task, overrides, flags)
             if message is not None:
                 _fail(command, message)
+            _note_resume_world_size(task, flags, overrides)
         overrides = _resume_run_dir(task, flags, overrides)
-        _run_hydra(command, task, flags + overrides)
+        if on_ranks:
+            _run_ranks(command, task, flags, overrides)
+        else:
+            _run_hydra(command, task, flags + overrides)
     except UserError as err:
         _fail(command, str(err))
     except _user_error_types() as err:
@@ -419,6 +631,16 @@ def main(argv: list[str] | None = None) -> None:
         _fail(command, _os_error_line(err), code=1)
     except KeyboardInterrupt:
         _fail(command, "interrupted", code=130)
+    except Exception as err:
+        if type(err).__name__ != "UncompletedJobError":  # submitit: a SLURM job failed
+            raise
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        _fail(
+            command,
+            f"a SLURM job did not complete: {first} (its stdout/stderr are in"
+            " <sweep dir>/.submitit/<job id>/; the other jobs go on and update the summary)",
+            code=1,
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ CHECKPOINT_KEYS = ("format_version", "config", "model", "step")
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, of another format or incompatible."""
 
+    exit_code = 2
+
 
 _HOOK_MODULES: dict[str, Any] = {}
 

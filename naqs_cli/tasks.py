@@ -32,7 +32,14 @@ from naqs_cli import build, distributed, store
 from naqs_cli.build import ConfigError, target_kind, unwrap
 from naqs_cli.limits import ED_MAX_SITES
 from naqs_cli.samplers import Samples
-from naqs_cli.vmc import LocalEnergy, estimate_observables, local_energy, train_step
+from naqs_cli.vmc import (
+    LocalEnergy,
+    batch_local_energy,
+    estimate_observables,
+    observable_estimates,
+    to_floats,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,8 @@ OBSERVABLES = (
 FROZEN_ON_RESUME = ("lattice", "ham", "model", "sampler._target_")
 #: Config groups: naming another option than the stored one is refused on resume.
 RESUME_GROUPS = ("lattice", "ham", "model", "sampler", "optim", "experiment")
+#: Resuming on another number of ranks reseeds the samplers with seed + this × step (+ 1000·rank).
+RESEED_PER_STEP = 1_000_003
 
 
 class NotImplementedYetError(Exception):
@@ -58,7 +67,9 @@ class NotImplementedYetError(Exception):
 
 
 class TrainingDivergedError(RuntimeError):
-    """Non-finite energies or gradients persisted through every rollback."""
+    """Non-finite energies or gradients persisted through every rollback (exit code 3)."""
+
+    exit_code = 3
 
 
 class InterruptedRunError(Exception):
@@ -169,28 +180,38 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Estimate every observable of `model` with `n_samples` samples, drawn in chunks.
 
+    On several ranks (a collective: every rank calls it with its own sampler) each rank draws
+    its share of the `n_samples` and the statistics are those of all of them.
+
     Returns the per-site observables of `vmc.estimate_observables` plus `n_samples`.
     """
     batches: list[Samples] = []
     energies: list[LocalEnergy] = []
     if getattr(sampler, "basis", None) is not None:  # fullsum: one exact pass
         batch = sampler.sample(model)
-        values = estimate_observables(batch, local_energy(model, hamiltonian, batch), hamiltonian)
-        values["n_samples"] = batch.n_samples
+        e_loc = batch_local_energy(model, hamiltonian, batch)
+        values = estimate_observables(batch, e_loc, hamiltonian)
+        values["n_samples"] = int(sampler.basis.shape[0])
         return values
-    remaining = n_samples
+    start, stop = distributed.split(n_samples)
+    remaining = stop - start
     while remaining > 0:
         size = min(remaining, chunk_size)
         batch = sampler.sample(model, size)
         batches.append(batch)
-        energies.append(local_energy(model, hamiltonian, batch, chunk_size=chunk_size))
+        energies.append(batch_local_energy(model, hamiltonian, batch, chunk_size=chunk_size))
         remaining -= size
+    if not batches:  # more ranks than samples: this rank contributes none
+        x = torch.zeros(0, hamiltonian.n_sites, dtype=torch.int8, device=sampler.generator.device)
+        empty = torch.zeros(0, dtype=torch.complex128, device=x.device)
+        batches.append(Samples(x=x, log_psi=empty))
+        energies.append(LocalEnergy(empty, empty))
     batch = _cat_samples(batches)
     e_loc = LocalEnergy(
         torch.cat([e.total for e in energies]), torch.cat([e.off_diagonal for e in energies])
     )
     values = estimate_observables(batch, e_loc, hamiltonian)
-    values["n_samples"] = batch.n_samples
+    values["n_samples"] = sum(distributed.all_gather_object(batch.n_samples))
     return values
 
 
@@ -396,8 +417,12 @@ def check_init_from(cfg: DictConfig) -> None:
 
 
 def resume_command(out_dir: Path) -> str:
-    """Return the shell command that continues the run in `out_dir`."""
-    return "naqs train " + shlex.quote(f"resume={out_dir}")
+    """Return the shell command that continues the run in `out_dir` (on as many ranks)."""
+    resume = shlex.quote(f"resume={out_dir}")
+    ranks = distributed.world_size()
+    if ranks > 1:
+        return f"torchrun --nproc_per_node={ranks} -m naqs_cli train {resume}"
+    return f"naqs train {resume}"
 
 
 class _SignalCatcher:
@@ -453,7 +478,11 @@ class _SignalCatcher:
 class _Trainer:
     """The state of one training run (model, optimizer, sampler, files); see `train`.
 
-    Nothing is written until every checkpoint to restore or initialize from has loaded.
+    Nothing is written until every checkpoint to restore or initialize from has loaded. On
+    several ranks (torchrun) every rank holds the same model and optimizer and its own sampler
+    (its share of the samples, chains or basis, with its own random stream); rank 0 alone writes
+    files, and every decision that changes the control flow (skip, rollback, save, stop) comes
+    from all-reduced values or from rank 0, so the ranks never part ways.
     """
 
     def __init__(
@@ -465,15 +494,15 @@ class _Trainer:
     ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.device = build.resolve_device(cfg.device)
         self.dtype = build.resolve_dtype(cfg.dtype)
         torch.manual_seed(cfg.seed)
         self.lattice = build.build_lattice(cfg)
         self.hamiltonian = build.build_hamiltonian(cfg, self.lattice)
         self.model = build.build_model(cfg, self.lattice, self.device, self.dtype)
-        self.sampler = build.build_sampler(
-            cfg, self.hamiltonian, self.device, cfg.seed, distributed.rank()
-        )
+        self.sampler = self._build_sampler(int(cfg.seed))
+        self.n_chains = int(cfg.sampler.n_chains) if target_kind(cfg.sampler) == "mcmc" else None
         self.optimizer = build.build_optimizer(cfg, self.model)
         self.stages = make_stages(cfg)
         self.total_steps = self.stages[-1].start + self.stages[-1].steps
@@ -481,10 +510,12 @@ class _Trainer:
         self.lr_scale = 1.0
         self.best_energy = math.inf
         self.recent: list[float] = []
+        self.last_values: dict[str, float] = {}
         self.elapsed = 0.0
         self.rollbacks = 0  # rollbacks since the last checkpoint past the failure point
         self.failed_at = -1  # step of the last rollback
         self.saved_step: int | None = None  # step of the last good checkpoints/last.pt
+        self.params_check: torch.Tensor | None = None  # unread finiteness of the last update
         self.catcher = _SignalCatcher()
         self.ckpt_dir = out_dir / "checkpoints"
         if checkpoint is not None:
@@ -493,14 +524,36 @@ class _Trainer:
             self._recall_best()
         elif cfg.train.init_from:
             self._init_from(cfg.train.init_from)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.history = store.HistoryWriter(out_dir / "history.h5", run_attrs(cfg, self.device))
-        if checkpoint is not None:
-            kept = self.history.truncate_from(self.step)
+        self.history: store.HistoryWriter | None = distributed.on_main(
+            lambda: self._open_history(resumed=checkpoint is not None), share_result=False
+        )
+
+    def _build_sampler(self, seed: int):
+        return build.build_sampler(
+            self.cfg, self.hamiltonian, self.device, seed, self.rank, self.world_size
+        )
+
+    def _open_history(self, resumed: bool) -> store.HistoryWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "history.h5"
+        attrs = None  # a resumed run keeps the file's attributes
+        if not path.exists():
+            attrs = {**run_attrs(self.cfg, self.device), "world_size": self.world_size}
+        history = store.HistoryWriter(path, attrs)
+        if resumed:
+            kept = history.truncate_from(self.step)
             log.info("resumed at step %d (%d history rows kept)", self.step, kept)
+        return history
 
     # -- state ---------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, streams: Sequence[tuple[dict, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """Return the checkpoint of this state.
+
+        Args:
+            streams: every rank's (sampler state, torch RNG state), in rank order (default:
+                this process's only).
+        """
+        streams = streams or [self._stream_state()]
         return {
             "format_version": store.CHECKPOINT_FORMAT_VERSION,
             "naqs_version": naqs_cli.__version__,
@@ -512,13 +565,17 @@ class _Trainer:
                 "rollbacks": self.rollbacks,
                 "failed_at": self.failed_at,
             },
-            "sampler": [self.sampler.state_dict()],
+            "sampler": [sampler for sampler, _ in streams],
             "step": self.step,
-            "rng": [torch.get_rng_state()],
+            "rng": [rng for _, rng in streams],
+            "world_size": len(streams),
             "best_energy": self.best_energy,
             "recent_energies": list(self.recent),
             "elapsed": self.elapsed,
         }
+
+    def _stream_state(self) -> tuple[dict, torch.Tensor]:
+        return self.sampler.state_dict(), torch.get_rng_state()
 
     def _restore(self, state: dict, path: Path, rollback: bool = False) -> None:
         """Load a checkpoint's state; a rollback keeps the sampler, RNG, clock and best."""
@@ -526,8 +583,7 @@ class _Trainer:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if not rollback:
-                self.sampler.load_state_dict(state["sampler"][distributed.rank()])
-                torch.set_rng_state(state["rng"][distributed.rank()].cpu())
+                self._restore_streams(state)
                 self.best_energy = float(state["best_energy"])
                 self.elapsed = float(state.get("elapsed", 0.0))
                 scheduler = state["scheduler"]
@@ -536,10 +592,40 @@ class _Trainer:
                 self.failed_at = int(scheduler.get("failed_at", -1))
             self.step = int(state["step"])
             self.recent = [float(e) for e in state.get("recent_energies", [])]
+            self.params_check = None
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
             raise store.CheckpointError(
                 f"{path}: cannot restore the training state from it ({_first_line(err)})"
             ) from None
+
+    def _restore_streams(self, state: dict) -> None:
+        """Restore each rank's sampler and torch RNG; on another number of ranks, reseed.
+
+        The same number of ranks continues every random stream exactly. Another number
+        continues the model, optimizer and schedule exactly, but the samplers are rebuilt with
+        seed + RESEED_PER_STEP·step (+ 1000·rank) and the Markov chains of all ranks are
+        shared out anew (see `resume_world_note`).
+        """
+        samplers, rngs = list(state["sampler"]), list(state["rng"])
+        saved = checkpoint_world_size(state)
+        if saved == self.world_size and len(samplers) == len(rngs) == saved:
+            self.sampler.load_state_dict(samplers[self.rank])
+            torch.set_rng_state(rngs[self.rank].cpu())
+            return
+        seed = int(self.cfg.seed) + RESEED_PER_STEP * int(state["step"])
+        self.sampler = self._build_sampler(seed)
+        torch.manual_seed(seed + 1000 * self.rank)
+        chains = [s.get("x") for s in samplers if isinstance(s, dict)]
+        if chains and all(torch.is_tensor(c) for c in chains):
+            every = torch.cat(chains)  # rank-major: the chains in their original order
+            if every.shape[0] % self.world_size == 0:
+                n = every.shape[0] // self.world_size
+                own = self.sampler.state_dict()
+                own["x"] = every[self.rank * n : (self.rank + 1) * n]
+                own["needs_burn_in"] = any(bool(s.get("needs_burn_in")) for s in samplers)
+                self.sampler.load_state_dict(own)
+        if distributed.is_main():  # the CLI says so on stderr; here for train.log
+            log.info("%s", resume_world_note(saved, self.world_size))
 
     def _recall_best(self) -> None:
         """Take the best energy from best.pt when it is newer than last.pt's (a killed run)."""
@@ -563,36 +649,48 @@ class _Trainer:
             {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict()}
         )
 
-    def _params_finite(self) -> bool:
-        params = [p.detach() for p in self.model.parameters()]
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    def _params_finite(self) -> torch.Tensor:
+        """Return whether every parameter is finite on every rank: a 0-dim bool device tensor.
+
+        Nothing is read from the device here; the caller decides when to look.
+        """
+        flags = torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()])
+        n_bad = (~flags).sum().to(torch.float64).reshape(1)
+        if self.world_size > 1:
+            n_bad = distributed.all_reduce_sum(n_bad)
+        return n_bad.reshape(()) == 0
 
     def save(self, name: str = "last.pt") -> bool:
         """Write a checkpoint unless the state holds NaN/inf; return whether it was written.
 
+        Every rank calls it: the ranks' sampler and RNG states are gathered into rank 0's file.
+
         Raises:
             OSError: the write failed (the previous file is kept); the message says how to
-                resume.
+                resume. Other ranks raise `distributed.PeerFailedError`.
         """
-        if not distributed.is_main():
-            self.saved_step = self.step if name == "last.pt" else self.saved_step
-            return True
-        problems = self._state_problems()
+        streams = distributed.gather_object(self._stream_state())
+        problems = distributed.on_main(self._state_problems)
         if problems:
-            log.error(
-                "step %d: refusing to write %s: non-finite values in %s",
-                self.step,
-                name,
-                ", ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
-            )
+            if distributed.is_main():
+                log.error(
+                    "step %d: refusing to write %s: non-finite values in %s",
+                    self.step,
+                    name,
+                    ", ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+                )
             return False
         if name == "last.pt" and self.step > self.failed_at:
             self.rollbacks = 0  # a good state past the last failure: a new incident starts over
+        distributed.on_main(lambda: self._write_checkpoint(name, streams), share_result=False)
+        if name == "last.pt":
+            self.saved_step = self.step
+        return True
+
+    def _write_checkpoint(self, name: str, streams: Sequence[tuple[dict, torch.Tensor]]) -> None:
         try:
             with self.catcher.critical():
-                store.save_checkpoint(self.ckpt_dir / name, self.state())
-                if name == "last.pt":
-                    self.saved_step = self.step
+                store.save_checkpoint(self.ckpt_dir / name, self.state(streams))
         except OSError as err:
             kept = (
                 f"the previous checkpoint (step {self.saved_step}) is kept"
@@ -605,7 +703,6 @@ class _Trainer:
                 else ""
             )
             raise OSError(err.errno, f"{err.strerror}; {kept}{resume}") from err
-        return True
 
     # -- loop ----------------------------------------------------------------------------
     def run(self, catcher: _SignalCatcher) -> None:
@@ -617,13 +714,18 @@ class _Trainer:
         with the learning rate halved; more than `train.max_rollbacks` rollbacks without
         progress raise TrainingDivergedError. No checkpoint is written during a non-finite
         streak, so a rollback never returns to the state that failed.
+
+        Host-device syncs: one per step (`train_step` reads the finiteness flags and the
+        gradient norm together; the check that the previous update left the parameters finite
+        rides along, unless the step logs or checkpoints, where it is read at once). Statistics
+        stay on the device until the rows are flushed, every `train.log_every` steps.
         """
         cfg = self.cfg
         self.catcher = catcher
         rows: dict[str, list] = {}
         bad_in_a_row = 0
         save_due = False
-        if self.step == 0 and not (self.ckpt_dir / "last.pt").exists():
+        if self.step == 0 and self.saved_step is None:
             self.save()  # a good state to roll back to, and a file for resume from the start
         bar = tqdm(
             total=self.total_steps,
@@ -638,7 +740,7 @@ class _Trainer:
             lr = lr_at(cfg, stage, self.step, self.lr_scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = self.sampler.sample(self.model, stage.n_samples // distributed.world_size())
+            batch = self.sampler.sample(self.model, stage.n_samples // self.world_size)
             hook = store._test_hook("training_batch")
             if hook is not None:
                 hook(self.step, batch)
@@ -649,24 +751,43 @@ class _Trainer:
                 self.optimizer,
                 chunk_size=cfg.train.chunk_size,
                 grad_clip=cfg.optim.grad_clip,
+                pending_check=self.params_check,
             )
-            hook = store._test_hook("after_update")
-            if hook is not None:
-                hook(self.step, self.model)
-            if result.is_finite and not self._params_finite():
-                log.error("step %d: the update made parameters non-finite", self.step)
+            self.params_check = None
+            if not result.pending_ok:  # the previous step's update, found out now
+                log.error("step %d: the update made parameters non-finite", self.step - 1)
                 self._flush(rows)
                 self._rollback("non-finite parameters")
                 bad_in_a_row, save_due = 0, False
                 bar.n = self.step
                 continue
+            hook = store._test_hook("after_update")
+            if hook is not None:
+                hook(self.step, self.model)
+            if result.is_finite:
+                params_ok = self._params_finite()
+                upcoming = self.step + 1
+                look_now = (
+                    save_due
+                    or upcoming == self.total_steps
+                    or upcoming % cfg.train.log_every == 0
+                    or upcoming % cfg.train.checkpoint_every == 0
+                )
+                if not look_now:
+                    self.params_check = params_ok  # read with the next step's flags
+                elif not bool(params_ok):
+                    log.error("step %d: the update made parameters non-finite", self.step)
+                    self._flush(rows)
+                    self._rollback("non-finite parameters")
+                    bad_in_a_row, save_due = 0, False
+                    bar.n = self.step
+                    continue
             if not result.is_finite:
                 bad_in_a_row += 1
-                energy_ok = bool(torch.isfinite(result.e_loc.total).all())
                 log.warning(
                     "step %d: non-finite %s, update skipped (%d in a row, limit %d)",
                     self.step,
-                    "gradient" if energy_ok else "local energy",
+                    "gradient" if result.energy_finite else "local energy",
                     bad_in_a_row,
                     cfg.train.max_nonfinite,
                 )
@@ -678,46 +799,32 @@ class _Trainer:
                     continue
             else:
                 bad_in_a_row = 0
-            values = estimate_observables(batch, result.e_loc, self.hamiltonian)
+            values = observable_estimates(
+                batch, result.e_loc, self.hamiltonian, n_chains=self.n_chains
+            )
             self.elapsed = time.perf_counter() - t_start
             row = {
                 "step": self.step,
                 "stage": stage_index,
-                "n_samples": batch.n_samples * distributed.world_size(),
+                "n_samples": self._n_total(batch),
                 "wall_time": self.elapsed,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 **values,
-                **{k: v for k, v in batch.info.items() if isinstance(v, (int, float))},
+                **self._sampler_info(batch),
             }
             for key, value in row.items():
                 rows.setdefault(key, []).append(value)
-            if math.isfinite(values["energy"]):
-                self.recent = (self.recent + [values["energy"]])[-cfg.train.best_smoothing :]
             self.step += 1
             bar.update(1)
-            bar.set_postfix_str(
-                f"E={values['energy']:.5f}±{values['energy_err']:.1e}"
-                f" var={values['energy_variance']:.2e} |m|={values['abs_magnetization']:.3f}",
-                refresh=False,
-            )
             at_end = self.step == self.total_steps
-            stopping = catcher.signal_name is not None
+            stopping = distributed.any_true(catcher.signal_name is not None)
             save_due = save_due or self.step % cfg.train.checkpoint_every == 0
             if self.step % cfg.train.log_every == 0 or at_end or stopping:
                 self._flush(rows)
                 if bad_in_a_row == 0:
                     self._maybe_save_best()
-                log.info(
-                    "step %d/%d  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
-                    self.step,
-                    self.total_steps,
-                    values["energy"],
-                    values["energy_err"],
-                    values["energy_variance"],
-                    values["abs_magnetization"],
-                    lr,
-                )
+                self._log_progress(bar, lr)
             if (save_due and bad_in_a_row == 0) or at_end or stopping:
                 self._flush(rows)
                 if (bad_in_a_row == 0 or at_end) and not self.save():
@@ -731,8 +838,43 @@ class _Trainer:
                 self._stop(catcher)
         bar.close()
 
+    def _n_total(self, batch: Samples) -> int:
+        """Return the number of samples of a step over all ranks."""
+        if batch.basis_part is not None:
+            return int(batch.basis_part.x.shape[0])
+        return batch.n_samples * self.world_size
+
+    def _sampler_info(self, batch: Samples) -> dict[str, float]:
+        """Return the sampler's numeric diagnostics (acceptance), averaged over ranks."""
+        info = {k: v for k, v in batch.info.items() if isinstance(v, (int, float))}
+        if info and self.world_size > 1:
+            sums = distributed.all_reduce_sum(torch.tensor(list(info.values()), dtype=float))
+            info = dict(zip(info, (sums / self.world_size).tolist(), strict=True))
+        return info
+
+    def _log_progress(self, bar: tqdm, lr: float) -> None:
+        values = self.last_values
+        if not values:
+            return
+        bar.set_postfix_str(
+            f"E={values['energy']:.5f}±{values['energy_err']:.1e}"
+            f" var={values['energy_variance']:.2e} |m|={values['abs_magnetization']:.3f}",
+            refresh=False,
+        )
+        log.info(
+            "step %d/%d  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
+            self.step,
+            self.total_steps,
+            values["energy"],
+            values["energy_err"],
+            values["energy_variance"],
+            values["abs_magnetization"],
+            lr,
+        )
+
     def _stop(self, catcher: _SignalCatcher) -> None:
         """Raise InterruptedRunError after a signal (history flushed, checkpoint written)."""
+        name = catcher.signal_name or "SIGTERM"  # a rank the signal has not reached yet
         if self.saved_step == self.step:
             where = f"checkpoint and history saved in {self.out_dir}"
         else:
@@ -740,15 +882,34 @@ class _Trainer:
                 f"the last good checkpoint is at step {self.saved_step} (the last steps had"
                 f" non-finite energies or gradients), history saved in {self.out_dir}"
             )
-        log.warning("%s: stopped at step %d/%d", catcher.signal_name, self.step, self.total_steps)
+        log.warning("%s: stopped at step %d/%d", name, self.step, self.total_steps)
         raise InterruptedRunError(
-            f"{catcher.signal_name}: stopped at step {self.step}/{self.total_steps}; {where}."
+            f"{name}: stopped at step {self.step}/{self.total_steps}; {where}."
             f" Resume with: {resume_command(self.out_dir)}",
-            exit_code=128 + int(catcher.signum or signal.SIGINT),
+            exit_code=128 + int(catcher.signum or signal.SIGTERM),
         )
 
+    def _rows_to_host(self, rows: dict[str, list]) -> None:
+        """Read the rows' device values (one sync) and note their energies for best.pt."""
+        cells = [(k, i) for k, column in rows.items() for i, v in enumerate(column)]
+        tensors = [(k, i) for k, i in cells if torch.is_tensor(rows[k][i])]
+        if tensors:
+            numbers = to_floats({f"{k}\0{i}": rows[k][i] for k, i in tensors})
+            for (k, i), number in zip(tensors, numbers.values(), strict=True):
+                rows[k][i] = number
+        energies = rows.get("energy", [])
+        for energy in energies:
+            if math.isfinite(energy):
+                self.recent = (self.recent + [energy])[-self.cfg.train.best_smoothing :]
+        if energies:
+            self.last_values = {k: column[-1] for k, column in rows.items()}
+
     def _flush(self, rows: dict[str, list]) -> None:
-        if rows and distributed.is_main():
+        if not rows:
+            return
+        self._rows_to_host(rows)
+
+        def append() -> None:
             try:
                 with self.catcher.critical():
                     self.history.append({k: np.asarray(v) for k, v in rows.items()})
@@ -760,12 +921,17 @@ class _Trainer:
                     else ""
                 )
                 raise OSError(err.errno, f"{err.strerror}{resume}") from err
-        rows.clear()
+
+        try:
+            distributed.on_main(append, share_result=False)
+        finally:
+            rows.clear()
 
     def _maybe_save_best(self) -> None:
-        if len(self.recent) < min(self.cfg.train.best_smoothing, max(self.step, 1)):
-            return
-        smoothed = float(np.mean(self.recent))
+        smoothed = math.inf
+        if len(self.recent) >= min(self.cfg.train.best_smoothing, max(self.step, 1)):
+            smoothed = float(np.mean(self.recent))
+        smoothed = distributed.broadcast_object(smoothed)  # rank 0 decides
         if smoothed < self.best_energy:
             previous, self.best_energy = self.best_energy, smoothed
             if not self.save("best.pt"):
@@ -788,10 +954,12 @@ class _Trainer:
         state = store.load_checkpoint(path, map_location=self.device)
         self._restore(state, path, rollback=True)
         self.lr_scale *= 0.5
-        kept = 0
-        if distributed.is_main():
+
+        def truncate() -> int:
             with self.catcher.critical():
-                kept = self.history.truncate_from(self.step)
+                return self.history.truncate_from(self.step)
+
+        kept = distributed.on_main(truncate) or 0
         log.warning(
             "%s: rolled back to step %d (%d history rows kept), learning rate halved"
             " (scale %.3g, rollback %d of at most %d)",
@@ -804,10 +972,31 @@ class _Trainer:
         )
 
 
+def checkpoint_world_size(state: dict) -> int:
+    """Return the number of ranks that wrote a checkpoint (older files: one per sampler state)."""
+    return int(state.get("world_size", len(state.get("sampler", [None])) or 1))
+
+
+def resume_world_note(saved: int, now: int) -> str | None:
+    """Return what resuming on `now` ranks a run checkpointed on `saved` ranks does (None if
+    the numbers agree)."""
+    if saved == now:
+        return None
+    return (
+        f"the checkpoint was written by {saved} rank(s) and training continues on {now}: model,"
+        " optimizer and schedule continue exactly, but the samplers' random streams restart from"
+        f" seed + {RESEED_PER_STEP}·step (Markov chains are shared out anew), so the samples"
+        f" differ from those {saved} rank(s) would have drawn"
+    )
+
+
 def train(
     cfg: DictConfig, out_dir: Path | str, overrides: Sequence[str] | None = None
 ) -> TaskResult:
     """Train a NAQS on a ground-state problem; write history, checkpoints, plot and summary.
+
+    Under torchrun every rank calls it with the same arguments (the same `out_dir`); rank 0
+    alone writes, every rank returns the summary.
 
     Args:
         cfg: the composed `train` config.
@@ -819,6 +1008,7 @@ def train(
         InterruptedRunError: SIGINT/SIGTERM (checkpoint written) or a second signal.
         TrainingDivergedError: non-finite steps persisted through every rollback.
         OSError: a checkpoint or history write failed (the previous checkpoint is kept).
+        distributed.PeerFailedError: on ranks other than 0, when rank 0 failed to write.
     """
     out_dir = Path(out_dir)
     checkpoint, path = None, None
@@ -827,16 +1017,17 @@ def train(
         out_dir = store.run_dir_of(path)
     else:
         build.validate(cfg, "train")
-        check_new_run_dir(out_dir)
+        distributed.on_main(lambda: check_new_run_dir(out_dir), share_result=False)
     trainer = _Trainer(cfg, out_dir, checkpoint, path)
     log.info(
-        "training %s on %s (%d parameters), %d steps, device %s, %s",
+        "training %s on %s (%d parameters), %d steps, device %s, %s, %d rank(s)",
         target_kind(cfg.model),
         trainer.hamiltonian.describe(),
         sum(p.numel() for p in trainer.model.parameters()),
         trainer.total_steps,
         trainer.device,
         cfg.dtype,
+        trainer.world_size,
     )
     with _SignalCatcher() as catcher:
         try:
@@ -864,18 +1055,26 @@ def train(
 
 
 def _finish(trainer: _Trainer) -> TaskResult:
+    """Evaluate the final state (every rank draws its share), then write and plot (rank 0)."""
     cfg, out_dir = trainer.cfg, trainer.out_dir
     values: dict[str, Any] = {}
-    reference = find_reference(cfg, trainer.hamiltonian)
     model = trainer.model
     if cfg.train.final_symmetry:
         model = build.build_model(
             cfg, trainer.lattice, trainer.device, trainer.dtype, symmetry=cfg.train.final_symmetry
         )
         unwrap(model).load_state_dict(unwrap(trainer.model).state_dict())
-    if cfg.train.final_samples > 0 and distributed.is_main():
+    if cfg.train.final_samples > 0:
         sampler = _final_sampler(cfg, trainer)
         values = evaluate_model(model, trainer.hamiltonian, sampler, cfg.train.final_samples, 4096)
+    title = (
+        f"naqs train: {trainer.hamiltonian.describe()}, {target_kind(cfg.model)},"
+        f" {trainer.step} steps, final evaluation on {values.get('n_samples', 0)} samples"
+    )
+    if not distributed.is_main():
+        return TaskResult(title, out_dir, values)
+    reference = find_reference(cfg, trainer.hamiltonian)
+    if values:
         final = dict(values)
         final["relative_error"] = relative_error(values["energy"], reference)
         attrs = {"steps": trainer.step, "symmetry": cfg.train.final_symmetry or "as trained"}
@@ -884,23 +1083,18 @@ def _finish(trainer: _Trainer) -> TaskResult:
             attrs["reference_source"] = reference.source
         with trainer.catcher.critical():
             trainer.history.write_group("final", final, attrs)
-    if distributed.is_main():
-        from naqs_cli import plots
+    from naqs_cli import plots
 
-        try:
-            plots.training_plot(
-                out_dir / "history.h5",
-                out_dir / "training.png",
-                reference.energy if reference else None,
-                title=f"{trainer.hamiltonian.describe()}, {target_kind(cfg.model)}"
-                + (f" (reference: {reference.source})" if reference else ""),
-            )
-        except Exception as err:  # a plot must never lose a finished run
-            log.warning("could not draw training.png: %s", err)
-    title = (
-        f"naqs train: {trainer.hamiltonian.describe()}, {target_kind(cfg.model)},"
-        f" {trainer.step} steps, final evaluation on {values.get('n_samples', 0)} samples"
-    )
+    try:
+        plots.training_plot(
+            out_dir / "history.h5",
+            out_dir / "training.png",
+            reference.energy if reference else None,
+            title=f"{trainer.hamiltonian.describe()}, {target_kind(cfg.model)}"
+            + (f" (reference: {reference.source})" if reference else ""),
+        )
+    except Exception as err:  # a plot must never lose a finished run
+        log.warning("could not draw training.png: %s", err)
     summary = format_table(values, reference, title) if values else title
     summary += f"\n  outputs: {out_dir}"
     log.info("\n%s", summary)
@@ -912,8 +1106,14 @@ def _final_sampler(cfg: DictConfig, trainer: _Trainer):
     from naqs_cli.samplers.fullsum import FullSumSampler
 
     if target_kind(cfg.sampler) == "fullsum":
-        return FullSumSampler(hamiltonian=trainer.hamiltonian, device=trainer.device)
-    return DirectSampler(seed=int(cfg.seed) + 7919, device=trainer.device)
+        return FullSumSampler(
+            hamiltonian=trainer.hamiltonian,
+            device=trainer.device,
+            rank=trainer.rank,
+            world_size=trainer.world_size,
+        )
+    seed = int(cfg.seed) + 7919 + 1000 * trainer.rank
+    return DirectSampler(seed=seed, device=trainer.device)
 
 
 # --- evaluate -----------------------------------------------------------------------------

@@ -169,14 +169,52 @@ class StepResult:
     """What one optimization step reports.
 
     Attributes:
-        e_loc: local energies of the batch (totals).
-        grad_norm: gradient norm before clipping (NaN when skipped).
-        is_finite: False when local energies or gradients were not finite (no update made).
+        e_loc: local energies of this rank's batch (totals).
+        grad_norm: norm of the (all-reduced) gradient before clipping (NaN when a local energy
+            was not finite).
+        is_finite: False when a local energy (on any rank), the gradient or `pending_check`
+            was not finite (no update made).
+        energy_finite: False when a local energy on some rank was not finite.
+        pending_ok: the value of `train_step`'s `pending_check` (True when none was given).
     """
 
     e_loc: LocalEnergy
     grad_norm: float
     is_finite: bool
+    energy_finite: bool = True
+    pending_ok: bool = True
+
+
+def batch_local_energy(
+    model: torch.nn.Module, hamiltonian, batch: Samples, chunk_size: int = 4096
+) -> LocalEnergy:
+    """Return the local energies of a batch, also of one rank's share of a full basis.
+
+    A share (`batch.basis_part`, fullsum on several ranks) gets the rows of the whole basis'
+    (HΨ)(x)/Ψ(x), computed from the gathered log-amplitudes without another network pass.
+    """
+    part = batch.basis_part
+    if part is None:
+        return local_energy(model, hamiltonian, batch, chunk_size=chunk_size)
+    full = local_energy(model, hamiltonian, batch.full_batch(), chunk_size=chunk_size)
+    rows = slice(part.start, part.start + batch.n_samples)
+    return LocalEnergy(full.total[rows], full.off_diagonal[rows])
+
+
+#: Memory the autograd graph of one backward chunk may take (the chunk shrinks to fit).
+BACKWARD_BYTES = 2 * 2**30
+
+
+def backward_chunk(model: torch.nn.Module, chunk_size: int) -> int:
+    """Return `chunk_size`, lowered so one chunk's autograd graph fits `BACKWARD_BYTES`.
+
+    Uses the model's `activation_bytes_per_sample` estimate where it has one (the PixelCNN:
+    about 3 MB per sample for 4 × 16 at L = 21, 14 MB for the paper's 18 × 32).
+    """
+    estimate = getattr(model, "activation_bytes_per_sample", None)
+    if estimate is None:
+        return chunk_size
+    return max(1, min(chunk_size, BACKWARD_BYTES // max(1, int(estimate()))))
 
 
 def vmc_gradient(
@@ -185,24 +223,30 @@ def vmc_gradient(
     e_loc: torch.Tensor,
     chunk_size: int,
     n_total: int | None = None,
+    e_mean: torch.Tensor | None = None,
 ) -> None:
     """Accumulate the Eq. 4 gradient of ⟨H⟩ into the parameters' `.grad`.
 
     loss = 2·Re Σ_x w(x)·(E_loc(x) − Ē)*·log Ψ(x), with Ē the weighted batch mean (the
     baseline) and w = |Ψ|² weights (fullsum) or 1/B. Its gradient is 2·Re⟨(E_loc − Ē)* ∂log Ψ⟩:
     the exact gradient for full sums, and (1 − 1/B) times it in expectation for i.i.d. batches.
-    The backward pass runs chunk by chunk so memory stays bounded.
+    The backward pass runs chunk by chunk so memory stays bounded. On several ranks B and Ē are
+    those of the whole batch (Ē all-reduced): summing the ranks' gradients gives the gradient
+    of the concatenated batch.
 
     Args:
         model: the wave function (gradients accumulate; zero them before).
         batch: samples (weights for fullsum).
         e_loc: (B,) complex128 local energies (no graph).
-        chunk_size: samples per backward pass.
+        chunk_size: samples per backward pass (lowered to fit `BACKWARD_BYTES`).
         n_total: total samples over all ranks (defaults to this batch's size × world size).
+        e_mean: the all-reduced baseline Ē when already computed (`weighted_mean`).
     """
     n_total = n_total or batch.n_samples * distributed.world_size()
-    e_mean = weighted_mean(e_loc, batch, n_total)
+    if e_mean is None:
+        e_mean = weighted_mean(e_loc, batch, n_total)
     centred = (e_loc - e_mean).conj()
+    chunk_size = backward_chunk(model, chunk_size)
     for start in range(0, batch.n_samples, chunk_size):
         stop = min(start + chunk_size, batch.n_samples)
         if batch.weights is not None:
@@ -222,70 +266,227 @@ def train_step(
     *,
     chunk_size: int = 1024,
     grad_clip: float | None = None,
+    n_total: int | None = None,
+    pending_check: torch.Tensor | None = None,
 ) -> StepResult:
     """Run one VMC step: local energies, Eq. 4 gradient, all-reduce, clip, optimizer step.
 
-    A non-finite local energy or gradient skips the update (gradients are discarded).
+    A non-finite local energy or gradient skips the update (gradients are discarded) on every
+    rank alike: a non-finite local energy anywhere makes the all-reduced baseline non-finite,
+    and the gradient is all-reduced before its norm is taken. The step reads the device once
+    (the finiteness flags and the gradient norm, together): whether to call `optimizer.step`
+    must be known on the host, because Adam's moments must not see a skipped step.
+
+    Args:
+        chunk_size: samples per backward pass.
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        n_total: samples over all ranks (default: this batch's size × world size).
+        pending_check: a 0-dim bool tensor on the model's device read in the same sync (the
+            trainer's deferred check that the previous update left the parameters finite);
+            False skips the update.
     """
-    e_loc = local_energy(model, hamiltonian, batch, chunk_size=max(chunk_size, 1024))
+    e_loc = batch_local_energy(model, hamiltonian, batch, chunk_size=max(chunk_size, 1024))
     optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(e_loc.total).all()):
-        return StepResult(e_loc, math.nan, False)
-    vmc_gradient(model, batch, e_loc.total, chunk_size)
+    n_total = n_total or batch.n_samples * distributed.world_size()
+    e_mean = weighted_mean(e_loc.total, batch, n_total)
+    vmc_gradient(model, batch, e_loc.total, chunk_size, n_total, e_mean=e_mean)
     distributed.all_reduce_grads(model)
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-    if not math.isfinite(grad_norm):
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    flags = [torch.isfinite(e_mean), grad_norm]
+    if pending_check is not None:
+        flags.append(pending_check)
+    energy_ok, norm, *pending = torch.stack([f.to(torch.float64) for f in flags]).tolist()
+    pending_ok = bool(pending[0]) if pending else True
+    if not energy_ok:
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(e_loc, grad_norm, False)
+        return StepResult(e_loc, math.nan, False, False, pending_ok)
+    if not math.isfinite(norm) or not pending_ok:
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(e_loc, norm, False, True, pending_ok)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(e_loc, grad_norm, True)
+    return StepResult(e_loc, norm, True)
 
 
-def estimate_observables(batch: Samples, e_loc: LocalEnergy, hamiltonian) -> dict[str, float]:
-    """Return the per-site observables of DESIGN.md with their errors from one batch.
+def _observable_rows(
+    batch: Samples, e_loc: LocalEnergy, hamiltonian
+) -> tuple[list[str], torch.Tensor]:
+    """Return the names and (k, B) float64 per-sample values of the observables' estimators.
 
-    Keys: energy, energy_variance (Var(H)/N², the variance of the per-site local energy),
-    v_score (N·Var(H)/E²), abs_magnetization, magnetization, magnetization_sq, sigma_x (TFIM
-    with Γ ≠ 0) or staggered_magnetization (Heisenberg), each with `<name>_err`; plus tau and
-    r_hat of the energy for Markov chains.
+    Rows: energy per site, Re and Im of the total local energy (for the variance), the
+    magnetizations, and sigma_x (TFIM with Γ ≠ 0) or the staggered magnetization (Heisenberg).
     """
     n_sites = hamiltonian.n_sites
-    weights, n_chains = batch.weights, batch.n_chains
     total = e_loc.total
-    energy = weighted_stats(total.real / n_sites, weights, n_chains)
-    out: dict[str, float] = {"energy": energy.mean, "energy_err": energy.error}
-    # Var(H) = ⟨|E_loc|²⟩ − |⟨E_loc⟩|² (exact for full sums); error of the variance from m4.
-    mean_c = total.mean() if weights is None else (weights.to(total.dtype) * total).sum()
-    dev2 = (total - mean_c).abs() ** 2 / n_sites**2
-    var = weighted_stats(dev2, weights, n_chains)
-    out["energy_variance"], out["energy_variance_err"] = var.mean, var.error
-    e_total = energy.mean * n_sites
-    v_score = n_sites * var.mean * n_sites**2 / e_total**2 if e_total != 0 else math.nan
-    out["v_score"] = v_score
-    out["v_score_err"] = v_score * var.error / var.mean if var.mean > 0 else 0.0
     m = magnetization(batch.x)
-    for name, values in (
-        ("abs_magnetization", m.abs()),
-        ("magnetization", m),
-        ("magnetization_sq", m**2),
-    ):
-        s = weighted_stats(values, weights, n_chains)
-        out[name], out[f"{name}_err"] = s.mean, s.error
+    names = ["energy", "_re", "_im", "abs_magnetization", "magnetization", "magnetization_sq"]
+    rows = [total.real / n_sites, total.real, total.imag, m.abs(), m, m**2]
     if hamiltonian.name == "tfim":
         gamma = float(hamiltonian.gamma)
         if gamma != 0:
-            s = weighted_stats(-e_loc.off_diagonal.real / (gamma * n_sites), weights, n_chains)
-            out["sigma_x"], out["sigma_x_err"] = s.mean, s.error
-        else:
-            out["sigma_x"], out["sigma_x_err"] = math.nan, math.nan
+            names.append("sigma_x")
+            rows.append(-e_loc.off_diagonal.real / (gamma * n_sites))
     else:
-        sign = hamiltonian.lattice.sublattice_sign()
-        s = weighted_stats(staggered_magnetization(batch.x, sign), weights, n_chains)
-        out["staggered_magnetization"], out["staggered_magnetization_err"] = s.mean, s.error
-    if n_chains > 1:
-        out["tau"], out["r_hat"] = energy.tau, energy.r_hat
-    return out
+        names.append("staggered_magnetization")
+        rows.append(staggered_magnetization(batch.x, _sublattice_sign(hamiltonian, m.device)))
+    return names, torch.stack([r.to(torch.float64) for r in rows])
+
+
+_SIGN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sublattice_sign(hamiltonian, device: torch.device) -> torch.Tensor:
+    """Return the lattice's (N,) ±1 signs on `device`, copied there once (a copy syncs)."""
+    signs = _SIGN_CACHE.setdefault(hamiltonian, {})
+    if device not in signs:
+        signs[device] = hamiltonian.lattice.sublattice_sign().to(device)
+    return signs[device]
+
+
+def _reduced_sums(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Return Σ_x w(x)·values[:, x] (or plain sums) over every rank's samples: (k,)."""
+    sums = values.sum(dim=1) if weights is None else values @ weights
+    return distributed.all_reduce_sum(sums)
+
+
+def observable_estimates(
+    batch: Samples, e_loc: LocalEnergy, hamiltonian, n_chains: int | None = None
+) -> dict[str, float | torch.Tensor]:
+    """Return the per-site observables of DESIGN.md with their errors, over every rank's batch.
+
+    Same keys as `estimate_observables`, but i.i.d. and full-sum batches give 0-dim float64
+    tensors on the batch's device, computed without reading the device (the moments are
+    all-reduced over ranks); `to_floats` turns them into numbers. Markov-chain batches need
+    each chain's series (τ, R-hat): the ranks' values are gathered and reduced on the host.
+
+    Args:
+        batch: this rank's samples.
+        e_loc: their local energies.
+        hamiltonian: the Hamiltonian (N, name, Γ, lattice).
+        n_chains: Markov chains over all ranks; default `batch.n_chains` × world size when
+            `batch.n_chains` > 1, else 1 (i.i.d. samples or full sums).
+    """
+    if n_chains is None:
+        n_chains = batch.n_chains * distributed.world_size() if batch.n_chains > 1 else 1
+    names, values = _observable_rows(batch, e_loc, hamiltonian)
+    if n_chains > 1 and batch.weights is None:
+        return _chain_estimates(names, values, hamiltonian, n_chains)
+    n_sites = hamiltonian.n_sites
+    weights = None if batch.weights is None else batch.weights.to(torch.float64)
+    n = None
+    if weights is None:  # uniform weights 1/n: the sample count is all-reduced with the sums
+        count = torch.full((1,), values.shape[1], dtype=torch.float64, device=values.device)
+        first = distributed.all_reduce_sum(torch.cat([values.sum(dim=1), count]))
+        n = first[-1]
+        means = first[:-1] / n
+    else:
+        means = _reduced_sums(values, weights)
+    # Two-pass moments (as numpy's var), each pass one all-reduce of a few numbers.
+    centred = values - means[:, None]
+    dev2 = (centred[1] ** 2 + centred[2] ** 2) / n_sites**2  # |E_loc − ⟨E_loc⟩|²/N²
+    second = _reduced_sums(torch.cat([centred**2, dev2[None]]), weights)
+    if n is not None:
+        second = second / n
+    variances, var_mean = second[:-1], second[-1]
+    dev2_var = _reduced_sums(((dev2 - var_mean) ** 2)[None], weights)[0]
+    if n is not None:
+        dev2_var = dev2_var / n
+        scale = 1.0 / torch.clamp(n - 1, min=1)
+        errors = torch.sqrt(variances * scale)
+        var_err = torch.sqrt(dev2_var * scale)
+    else:
+        errors = torch.zeros_like(variances)
+        var_err = torch.zeros_like(var_mean)
+    out: dict[str, float | torch.Tensor] = {}
+    for i, name in enumerate(names):
+        if not name.startswith("_"):
+            out[name], out[f"{name}_err"] = means[i], errors[i]
+    _variance_estimates(out, var_mean, var_err, n_sites)
+    _fill_missing(out, hamiltonian)
+    return {key: out[key] for key in _ordered_keys(out)}
+
+
+def _variance_estimates(
+    out: dict, var_mean: torch.Tensor, var_err: torch.Tensor, n_sites: int
+) -> None:
+    """Add energy_variance and v_score (N·Var(H)/E²) with their errors to `out`."""
+    e_total = out["energy"] * n_sites
+    v_score = torch.where(e_total != 0, n_sites * var_mean * n_sites**2 / e_total**2, torch.nan)
+    out["energy_variance"], out["energy_variance_err"] = var_mean, var_err
+    out["v_score"] = v_score
+    out["v_score_err"] = torch.where(
+        var_mean > 0, v_score * var_err / torch.where(var_mean > 0, var_mean, 1.0), 0.0
+    )
+
+
+def _fill_missing(out: dict, hamiltonian) -> None:
+    """sigma_x is NaN for the TFIM at Γ = 0."""
+    if hamiltonian.name == "tfim" and "sigma_x" not in out:
+        out["sigma_x"], out["sigma_x_err"] = math.nan, math.nan
+
+
+def _ordered_keys(out: dict) -> list[str]:
+    order = ["energy", "energy_variance", "v_score", "abs_magnetization", "magnetization"]
+    order += ["magnetization_sq", "sigma_x", "staggered_magnetization", "tau", "r_hat"]
+    keys = []
+    for name in order:
+        for key in (name, f"{name}_err"):
+            if key in out:
+                keys.append(key)
+    return keys + [k for k in out if k not in keys]
+
+
+def _chain_estimates(
+    names: list[str], values: torch.Tensor, hamiltonian, n_chains: int
+) -> dict[str, float | torch.Tensor]:
+    """Markov-chain statistics (τ-corrected errors, R-hat) of the ranks' gathered values."""
+    n_sites = hamiltonian.n_sites
+    gathered = distributed.all_gather_cat(values.T.contiguous()).T  # rank-major = chain-major
+    v = gathered.detach().cpu().numpy()
+    out: dict[str, float | torch.Tensor] = {}
+    stats = {}
+    for i, name in enumerate(names):
+        if not name.startswith("_"):
+            stats[name] = weighted_stats(v[i], None, n_chains)
+            out[name], out[f"{name}_err"] = stats[name].mean, stats[name].error
+    total = v[1] + 1j * v[2]
+    dev2 = np.abs(total - total.mean()) ** 2 / n_sites**2
+    var = weighted_stats(dev2, None, n_chains)
+    out["energy_variance"], out["energy_variance_err"] = var.mean, var.error
+    e_total = stats["energy"].mean * n_sites
+    v_score = n_sites * var.mean * n_sites**2 / e_total**2 if e_total != 0 else math.nan
+    out["v_score"] = v_score
+    out["v_score_err"] = v_score * var.error / var.mean if var.mean > 0 else 0.0
+    _fill_missing(out, hamiltonian)
+    out["tau"], out["r_hat"] = stats["energy"].tau, stats["energy"].r_hat
+    return {key: out[key] for key in _ordered_keys(out)}
+
+
+def to_floats(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Return `values` with every tensor read as a float (one device read for all)."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    if keys:
+        numbers = torch.stack([values[k].to(torch.float64) for k in keys]).tolist()
+        out.update(zip(keys, numbers, strict=True))
+    return {k: out[k] for k in values}
+
+
+def estimate_observables(
+    batch: Samples, e_loc: LocalEnergy, hamiltonian, n_chains: int | None = None
+) -> dict[str, float]:
+    """Return the per-site observables of DESIGN.md with their errors, over every rank's batch.
+
+    Keys: energy, energy_variance (Var(H)/N², the variance of the per-site local energy),
+    v_score (N·Var(H)/E²), abs_magnetization, magnetization, magnetization_sq, sigma_x (TFIM;
+    NaN at Γ = 0) or staggered_magnetization (Heisenberg), each with `<name>_err`; plus tau and
+    r_hat of the energy for Markov chains. On several ranks every value is the global one (a
+    collective: every rank must call it).
+
+    Args:
+        n_chains: Markov chains over all ranks (see `observable_estimates`).
+    """
+    return to_floats(observable_estimates(batch, e_loc, hamiltonian, n_chains))

@@ -29,6 +29,7 @@ TINY = TINY_TRAIN
 CASES = [
     # bullet 1: every key's type and range, and the cross-key rules of DESIGN.md
     (["train", "lattice.Lx=0"], ["lattice.Lx=0", ">= 1"]),
+    (["train", "-m", "ham.gamma=2,3", "--cfg", "hydra"], ["--cfg and -m", "cannot be combined"]),
     (["train", "lattice.Ly=-3"], ["lattice.Ly=-3", ">= 1"]),
     (["train", "lattice.Lx=abc"], ["lattice.Lx=abc", "Integer"]),
     (["train", "lattice.Lx=2.5"], ["lattice.Lx=2.5", "Integer"]),
