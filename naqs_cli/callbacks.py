@@ -1,10 +1,11 @@
-"""Hydra callbacks: the sweep summary written when a multirun ends."""
+"""Hydra callbacks: the sweep summary, kept current as jobs end and written when a multirun ends."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,17 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for h5 in sorted(Path(sweep_dir).glob("*/history.h5")):
         job_dir = h5.parent
-        with h5py.File(h5, "r") as f:
-            if "final" not in f:
-                continue
-            row: dict[str, Any] = {"job": job_dir.name}
-            for key in f["final"]:
-                row[key] = float(f["final"][key][()])
+        # Jobs of a parallel sweep may still be writing: read without a lock, skip what fails.
+        try:
+            with h5py.File(h5, "r", locking=False) as f:
+                if "final" not in f:
+                    continue
+                row: dict[str, Any] = {"job": job_dir.name}
+                for key in f["final"]:
+                    row[key] = float(f["final"][key][()])
+        except (OSError, KeyError, ValueError) as err:
+            log.info("sweep summary: skipping %s (%s)", job_dir.name, err)
+            continue
         overrides = job_dir / ".hydra" / "overrides.yaml"
         if overrides.exists():
             import yaml
@@ -62,11 +68,14 @@ def write_summary(sweep_dir: Path, swept: list[str]) -> list[Path]:
     keys = [k for k in swept if any(k in r for r in rows)] or ["job"]
     header = ["job", *[k for k in keys if k != "job"], *COLUMNS]
     csv_path = Path(sweep_dir) / "summary.csv"
-    with open(csv_path, "w", newline="") as f:
+    # Jobs of a parallel sweep write these as they end: each file is replaced whole (temp, rename).
+    tmp = _temp_path(csv_path)
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in header})
+    os.replace(tmp, csv_path)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = []
@@ -77,24 +86,59 @@ def write_summary(sweep_dir: Path, swept: list[str]) -> list[Path]:
             )
         md.append("| " + " | ".join(cells) + " |")
     md_path = Path(sweep_dir) / "summary.md"
-    md_path.write_text("\n".join(md) + "\n")
+    tmp = _temp_path(md_path)
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, md_path)
     out = [csv_path, md_path]
     numeric = next((k for k in keys if all(isinstance(r.get(k), float) for r in rows)), None)
     if numeric is not None:
-        out.append(plots.sweep_plot(rows, numeric, Path(sweep_dir) / "summary.png"))
+        png_path = Path(sweep_dir) / "summary.png"
+        os.replace(plots.sweep_plot(rows, numeric, _temp_path(png_path)), png_path)
+        out.append(png_path)
     return out
 
 
+def _temp_path(path: Path) -> Path:
+    """Return a hidden per-process name beside `path`, with its suffix (matplotlib needs it)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """Return the keys of the sweep overrides (`key=a,b`, `key=range(...)`, ...) among these."""
+    swept = []
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        if "," in value or value.startswith(("range(", "choice(", "interval(", "glob(")):
+            swept.append(key)
+    return swept
+
+
 class SweepSummary(Callback):
-    """Write summary.csv / summary.md / summary.png in the sweep directory after a multirun."""
+    """Write summary.csv / summary.md / summary.png in the sweep directory of a multirun.
+
+    Every job rewrites the summary of the jobs finished so far when it ends (in its own process:
+    a joblib worker, a SLURM job), so the finished jobs stay summarized when another job fails
+    or the launching command dies; the last write, when the multirun ends, covers them all.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.get("mode") != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            import yaml
+
+            multirun = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+            swept = swept_keys(multirun["hydra"]["overrides"]["task"])
+            write_summary(sweep_dir, swept)
+        except Exception as err:  # a summary must never fail a finished job
+            log.warning("could not update the sweep summary: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        swept = []
-        for item in config.hydra.overrides.task:
-            key, _, value = str(item).partition("=")
-            if "," in value or value.startswith(("range(", "choice(", "interval(")):
-                swept.append(key)
+        swept = swept_keys(list(config.hydra.overrides.task))
         try:
             written = write_summary(sweep_dir, swept)
         except Exception as err:  # a summary must never fail a finished sweep
