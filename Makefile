@@ -12,12 +12,12 @@ PYTEST_FLAGS ?=
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install: $(STAMP)  ## create .venv, install pinned CPU torch then naqs[dev] (editable)
+install: $(STAMP)  ## create .venv, install pinned CPU torch then naqs[dev,cluster] (editable)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --disable-pip-version-check "$(TORCH)"
-	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,cluster]"
 	@touch $(STAMP)
 
 test: install  ## default suite (excludes slow physics checks)
@@ -39,6 +39,20 @@ run: install  ## the default small TFIM training run (about a minute on 2 cores)
 
 bench: install  ## performance benchmarks -> benchmarks/results/*.json, *.md
 	$(PY) benchmarks/run_all.py
+
+# NetKet lives in its own venv, never in .venv; NETKET_FLAGS=--quick for a smoke run.
+NETKET_VENV  := benchmarks/netket_venv
+NETKET_STAMP := $(NETKET_VENV)/.installed
+NETKET_FLAGS ?=
+
+bench-netket: install $(NETKET_STAMP)  ## naqs vs NetKet side by side -> benchmarks/results/netket.*
+	$(PY) benchmarks/netket_compare.py $(NETKET_FLAGS)
+
+$(NETKET_STAMP): benchmarks/requirements-netket.txt
+	@test -x $(NETKET_VENV)/bin/python || $(PYTHON) -m venv $(NETKET_VENV)
+	$(NETKET_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-r benchmarks/requirements-netket.txt
+	@touch $(NETKET_STAMP)
 
 clean:  ## remove the venv, caches and run outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
