@@ -396,3 +396,37 @@ def test_parameter_counts_match_the_paper():
     assert 0.82e6 < counts[38] < 0.88e6
     assert residual_sources(4) == [None, None, 1, None]
     assert residual_sources(7) == [None, None, 1, None, 3, None, None]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((3, 5), {}),
+        ((4, 6), {"kernel_size": 5, "phase": False}),
+        ((6, 1), {"total_sz": 0}),
+        ((2, 2), {"kernel_size": 5, "total_sz": 0}),
+    ],
+)
+def test_cached_sampling_takes_the_reference_decisions(layers, shape, kwargs):
+    # Residual patterns of 1–5 layers, kernels 3 and 5 with more rows than K (the row rings
+    # wrap), chains and Lx ≠ Ly, float64 and float32, down to a batch of one; the cached path
+    # leaves the thread count as it was.
+    lattice = SquareLattice(*shape)
+    model = make_model("pixelcnn", lattice, layers=layers, channels=5, **kwargs)
+    n_threads = torch.get_num_threads()
+    for dtype, n_samples, atol in [
+        (torch.float64, 64, 1e-10),
+        (torch.float64, 1, 1e-10),
+        (torch.float32, 64, 1e-4),
+    ]:
+        model = model.to(dtype)
+        samples = {}
+        for method in ("cached", "reference"):
+            x, log_psi = model.sample(n_samples, torch.Generator().manual_seed(3), method=method)
+            torch.testing.assert_close(log_psi, log_psi_all(model, x), rtol=0, atol=atol)
+            samples[method] = x
+        assert torch.equal(samples["cached"], samples["reference"])
+        if "total_sz" in kwargs:
+            assert (samples["cached"].sum(dim=1) == lattice.n_sites // 2).all()
+    assert torch.get_num_threads() == n_threads

@@ -317,12 +317,16 @@ class PixelCNN(AutoregressiveWaveFunction):
         Per site, each layer evaluates its horizontal 1×K conv, its 1×1 conv into `a` and the
         current-row taps of its K×K output conv, at that site only. Everything that depends on
         rows above only (the vertical stream, the `b` channels and the rows-above taps of the
-        output conv) is computed once per finished row for the whole next row, as one
-        convolution over the last K rows. The FLOP count is about one forward pass.
+        output conv) is computed once per finished row for the whole next row. The FLOP count
+        is about one forward pass.
 
-        The last K rows of each stream live in ring buffers (B, columns, K, channels), row r in
-        slot r mod K, read as one (B, K·channels, 1, columns) channels-last image by kernels
-        whose row taps are rotated to match (`_LayerMatrices.rotated`): no copies per row.
+        Every cache keeps the batch last, (columns, channels, B): the K columns a site reads
+        form one contiguous (K·channels, B) matrix, so each per-site product is a single
+        (C_out, K·C_in) @ (K·C_in, B) GEMM written in place into a contiguous (C_out, B) slab.
+        The last K rows of each stream live in ring buffers (columns, K, channels, B), row r in
+        slot r mod K; a per-row convolution is one batched GEMM over the columns' overlapping
+        (K·K·channels, B) windows, with kernel rows rotated to the slots
+        (`_LayerMatrices.rotated`): no layout changes between the per-site and per-row work.
         """
         n_batch = uniforms.shape[0]
         n_rows, n_cols = self.lattice.shape
@@ -334,127 +338,173 @@ class PixelCNN(AutoregressiveWaveFunction):
         like = self._parameter_like()
         dtype, device = like.dtype, like.device
         mats = [_LayerMatrices.of(layer) for layer in self.causal_layers]
-        head_w = self.head.weight.view(self.n_outputs, self.channels).t().contiguous()
-        head_b = self.head.bias
+        m_last = mats[last]
+        head_w = self.head.weight.view(self.n_outputs, self.channels)
+        head_b = self.head.bias.view(self.n_outputs, 1)
         in_channels = [1] + [self.channels] * last
 
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        def ring_conv(ring: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            # (B, W, K, C_in) ring → (B, W − K + 1, C_out) one-row convolution.
-            image = ring.flatten(2).unsqueeze(1).permute(0, 3, 1, 2)  # channels-last view
-            return F.conv2d(image, weight, bias)[:, :, 0].transpose(1, 2)
+        def empty(*shape: int) -> Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
 
-        # Channels-last caches, zero-padded on the left (and right for V): zero padding.
-        h_row = [zeros(n_batch, p + n_cols, c) for c in in_channels]  # current row of H_l
-        a_row = [zeros(n_batch, p + n_cols, c_a) for _ in mats]  # current row of a_l
-        v_ring = [zeros(n_batch, n_cols + 2 * h, k, c) for c in in_channels]  # rows of V_l
-        x_ring = [zeros(n_batch, n_cols + p, k, self.channels) for _ in mats]  # rows of [a, b]
-        row_part: list[Tensor] = [zeros(0)] * self.n_layers  # (B, Lx, C) rows-above part of H'
+        # Batch-last caches. Zero padding: rings start at zero (rows above row 0) and have zero
+        # columns left (and right for V); the current-row caches have p zero columns left.
+        h_row = [empty(p + n_cols, c, n_batch) for c in in_channels]  # current row of H_l
+        a_row = [empty(p + n_cols, c_a, n_batch) for _ in mats]  # current row of a_l
+        for row in h_row + a_row:
+            row[:p] = 0
+        v_ring = [zeros(n_cols + 2 * h, k, c, n_batch) for c in in_channels]  # rows of V_l
+        x_ring = [zeros(n_cols + p, k, self.channels, n_batch) for _ in mats]  # rows of [a, b]
+        v_windows = [_column_windows(ring, n_cols) for ring in v_ring]
+        x_windows = [_column_windows(ring, n_cols) for ring in x_ring]
+        # Rows-above part of H'_l for the current row, bias included; each site adds its
+        # current-row taps in place. For l < last it is stored where H_{l+1} of the row goes.
+        row_part = [row[p:] for row in h_row[1:]] + [empty(n_cols, self.channels, n_batch)]
+        v_new = empty(n_cols, self.channels, n_batch)  # V'_l of the row just finished
+        v_relu = empty(n_cols, self.channels, n_batch)  # ReLU(V'_l)
+        t = empty(self.channels, n_batch)  # ReLU(horizontal conv) at the current site
 
         def start_row(i: int, r: int, v_above: Tensor | None) -> None:
             # Row r of [a_l, b_l]: b from ReLU(V'(r − 1, ·)) (zero above row 0), a zero for now.
             m = mats[i]
-            slot = x_ring[i][:, p:, r % k]
-            slot[..., :c_a] = 0
+            slot = x_ring[i][p:, r % k]
+            slot[:, :c_a] = 0
             if v_above is None:
-                slot[..., c_a:] = torch.relu(m.b_b)
+                slot[:, c_a:] = torch.relu(m.b_b)
             else:
-                slot[..., c_a:] = torch.relu(torch.matmul(v_above, m.b_w) + m.b_b)
-            row_part[i] = ring_conv(x_ring[i], m.out_rotated[r % k], m.out_b)
+                torch.clamp_min(_batched_matmul(m.b_w, m.b_b, v_above), 0, out=slot[:, c_a:])
+            _batched_matmul(m.out_rotated[r % k], m.out_b, x_windows[i], out=row_part[i])
 
         for i in range(self.n_layers):
             start_row(i, 0, None)
 
-        x = torch.zeros(n_batch, self.n_sites, dtype=torch.int8, device=device)
+        # The views each site reads and writes, per column, built once rather than per site.
+        columns = []
+        for c in range(n_cols):
+            inclusive = []
+            for i in range(last):
+                source = self.residual_source[i]
+                inclusive.append(
+                    (
+                        mats[i],
+                        h_row[i][c : c + k].view(-1, n_batch),
+                        a_row[i][p + c],
+                        a_row[i][c : c + k].view(-1, n_batch),
+                        h_row[i + 1][p + c],  # holds the rows-above part until the site is done
+                        None if source is None else h_row[source][p + c],
+                    )
+                )
+            # Exclusive last layer: its 1×K conv ends at column c − 1 (none at column 0).
+            h_window = h_row[last][c - 1 : c - 1 + k].view(-1, n_batch) if c > 0 else None
+            columns.append(
+                (
+                    h_window,
+                    a_row[last][p + c],
+                    a_row[last][c : c + k].view(-1, n_batch),
+                    row_part[last][c],
+                    h_row[0][p + c, 0],
+                    inclusive,
+                )
+            )
+        # Column 0 of the last layer sees a shifted-in zero: a = ReLU(a_b) in every row.
+        a_row[last][p] = torch.relu(m_last.a_b)
+
+        x = torch.empty(self.n_sites, n_batch, dtype=torch.int8, device=device)  # batch last
         n_up = None if self.n_up is None else torch.zeros(n_batch, dtype=torch.long, device=device)
-        raw = torch.empty(n_batch, self.n_sites, self.n_outputs, dtype=dtype, device=device)
+        raw = empty(self.n_sites, self.n_outputs, n_batch)
+        uniforms = uniforms.t().contiguous()
         spin_up = torch.ones((), dtype=dtype, device=device)
         spin_down = -spin_up
-        m_last = mats[last]
-        a_first = torch.relu(m_last.a_b)  # a at column 0 of the last layer (shifted-in zero)
-        for r in range(n_rows):
-            for c in range(n_cols):
-                site = r * n_cols + c
-                # Exclusive last layer: its 1×K conv ends at column c − 1.
-                if c == 0:
-                    a_row[last][:, p] = a_first
-                else:
-                    window = h_row[last][:, c - 1 : c - 1 + k].flatten(1)
-                    t = torch.addmm(m_last.h_b, window, m_last.h_w).relu_()
-                    torch.addmm(m_last.a_b, t, m_last.a_w, out=a_row[last][:, p + c]).relu_()
-                window = a_row[last][:, c : c + k].flatten(1)
-                hidden = torch.addmm(row_part[last][:, c], window, m_last.out_a).relu_()
-                out = torch.addmm(head_b, hidden, head_w, out=raw[:, site])  # (B, n_outputs)
-                is_up = self.sample_site(out[:, :2], n_up, site, uniforms[:, site])
-                x[:, site] = is_up
-                if n_up is not None:
-                    n_up += is_up
-                if site == self.n_sites - 1:
+        # Small per-site products lose more to waking threads than they gain from them
+        # (`_SINGLE_THREAD_MACS`): the site loop then runs on one thread, the per-row
+        # convolutions on all of them.
+        n_threads = torch.get_num_threads()
+        site_macs = n_batch * self.channels * k * self.channels  # the largest per-site product
+        site_threads = 1 if device.type == "cpu" and site_macs <= _SINGLE_THREAD_MACS else None
+        row_threads = None if site_threads is None else n_threads  # None: no change
+        try:
+            for r in range(n_rows):
+                _set_threads(site_threads)
+                for c, (h_window, a_new, a_window, hidden, spin, inclusive) in enumerate(columns):
+                    site = r * n_cols + c
+                    if h_window is not None:
+                        torch.addmm(m_last.h_b, m_last.h_w, h_window, out=t).relu_()
+                        torch.addmm(m_last.a_b, m_last.a_w, t, out=a_new).relu_()
+                    hidden.addmm_(m_last.out_a, a_window).relu_()
+                    out = torch.addmm(head_b, head_w, hidden, out=raw[site])  # (n_outputs, B)
+                    is_up = self.sample_site(out[:2].t(), n_up, site, uniforms[site])
+                    x[site] = is_up
+                    if n_up is not None:
+                        n_up += is_up
+                    if site == self.n_sites - 1:
+                        break
+                    torch.where(is_up, spin_up, spin_down, out=spin)
+                    # Inclusive layers: H_{l+1}(r, c) now that x(r, c) is known.
+                    for m, h_window, a_new, a_window, h_new, residual in inclusive:
+                        torch.addmm(m.h_b, m.h_w, h_window, out=t).relu_()
+                        torch.addmm(m.a_b, m.a_w, t, out=a_new).relu_()
+                        h_new.addmm_(m.out_a, a_window)
+                        if residual is not None:
+                            h_new += residual
+                        h_new.relu_()
+                _set_threads(row_threads)
+                if r == n_rows - 1:
                     break
-                torch.where(is_up, spin_up, spin_down, out=h_row[0][:, p + c, 0])
-                # Inclusive layers: H_{l+1}(r, c) now that x(r, c) is known.
-                for i in range(last):
+                # Row r is complete: advance the vertical stream one row, prepare row r + 1.
+                slot = r % k
+                v_ring[0][h : h + n_cols, slot] = h_row[0][p:]
+                for i in range(self.n_layers):
                     m = mats[i]
-                    window = h_row[i][:, c : c + k].flatten(1)
-                    t = torch.addmm(m.h_b, window, m.h_w).relu_()
-                    torch.addmm(m.a_b, t, m.a_w, out=a_row[i][:, p + c]).relu_()
-                    window = a_row[i][:, c : c + k].flatten(1)
-                    hidden = torch.addmm(
-                        row_part[i][:, c], window, m.out_a, out=h_row[i + 1][:, p + c]
-                    )
-                    source = self.residual_source[i]
-                    if source is not None:
-                        hidden += h_row[source][:, p + c]
-                    hidden.relu_()
-            if r == n_rows - 1:
-                break
-            # Row r is complete: advance the vertical stream by one row and prepare row r + 1.
-            slot = r % k
-            v_ring[0][:, h : h + n_cols, slot] = h_row[0][:, p:]
-            for i in range(self.n_layers):
-                m = mats[i]
-                v = ring_conv(v_ring[i], m.v_rotated[slot], m.v_b)  # V'_l(r, ·), (B, Lx, C)
-                x_ring[i][:, p:, slot, :c_a] = a_row[i][:, p:]
-                start_row(i, r + 1, torch.relu(v))
-                if i < last:
-                    source = self.residual_source[i]
-                    if source is not None:
-                        v += v_ring[source][:, h : h + n_cols, slot]
-                    v_ring[i + 1][:, h : h + n_cols, slot] = v.relu_()
+                    v = _batched_matmul(m.v_rotated[slot], m.v_b, v_windows[i], out=v_new)
+                    x_ring[i][p:, slot, :c_a] = a_row[i][p:]
+                    start_row(i, r + 1, torch.clamp_min(v, 0, out=v_relu))
+                    if i < last:
+                        source = self.residual_source[i]
+                        if source is not None:
+                            v += v_ring[source][h : h + n_cols, slot]
+                        torch.clamp_min(v, 0, out=v_ring[i + 1][h : h + n_cols, slot])
+        finally:
+            _set_threads(row_threads)
+        x = x.t().contiguous()
+        raw = raw.permute(2, 0, 1)  # (B, N, n_outputs) view
         phase = raw[..., 2:] if self.phase else None
         return x, self.log_psi_from_raw(raw[..., :2], phase, x)
 
 
 @dataclass(frozen=True)
 class _LayerMatrices:
-    """Effective weights of one causal layer, laid out for the cached sampler."""
+    """Effective weights of one causal layer, laid out for the batch-last cached sampler.
 
-    v_rotated: list[Tensor]  # [q] (C, K·C_in, 1, K) vertical conv on a ring, current slot q
-    v_b: Tensor  # (C,)
-    h_w: Tensor  # (K·C_in, C) horizontal 1×K conv on a (B, K, C_in) window
-    h_b: Tensor  # (C,)
-    a_w: Tensor  # (C, C_a)
-    a_b: Tensor  # (C_a,)
-    b_w: Tensor  # (C, C_b)
-    b_b: Tensor  # (C_b,)
-    out_rotated: list[Tensor]  # [q] (C, K·C, 1, K) output conv on a ring, current slot q
-    out_b: Tensor  # (C,)
-    out_a: Tensor  # (K·C_a, C) output conv taps on the current row's a channels
+    Products act on the left of batch-last (·, B) matrices; biases are (C_out, 1) columns.
+    """
+
+    v_rotated: list[Tensor]  # [q] (C, K·K·C_in) vertical conv on a ring, current slot q
+    v_b: Tensor  # (C, 1)
+    h_w: Tensor  # (C, K·C_in) horizontal 1×K conv on a (K, C_in, B) window
+    h_b: Tensor  # (C, 1)
+    a_w: Tensor  # (C_a, C)
+    a_b: Tensor  # (C_a, 1)
+    b_w: Tensor  # (C_b, C)
+    b_b: Tensor  # (C_b, 1)
+    out_rotated: list[Tensor]  # [q] (C, K·K·C) output conv on a ring, current slot q
+    out_b: Tensor  # (C, 1)
+    out_a: Tensor  # (C, K·C_a) output conv taps on the current row's a channels
 
     @staticmethod
     def rotated(weight: Tensor) -> list[Tensor]:
         """Return K×K kernels for a K-row ring buffer, one per slot q of the current row.
 
         Slot j holds row ρ ≡ j (mod K) of the rows r − K + 1 … r, i.e. kernel row
-        (j − q − 1) mod K when the current row r sits in slot q.
+        (j − q − 1) mod K when the current row r sits in slot q. Each kernel is a
+        (C_out, K·K·C_in) matrix over a (K columns, K slots, C_in) window.
         """
-        c_out, c_in, k, _ = weight.shape
+        c_out, _, k, _ = weight.shape
         kernels = []
         for q in range(k):
             taps = [(j - q - 1) % k for j in range(k)]
-            kernels.append(weight[:, :, taps].transpose(1, 2).reshape(c_out, k * c_in, 1, k))
+            kernels.append(weight[:, :, taps].permute(0, 3, 2, 1).reshape(c_out, -1))
         return kernels
 
     @classmethod
@@ -462,19 +512,69 @@ class _LayerMatrices:
         k = layer.kernel_size
         out_w = layer.out.weight
 
-        def as_matrix(weight: Tensor) -> Tensor:  # (C_out, C_in, K) → (K·C_in, C_out)
-            return weight.permute(2, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+        def as_matrix(weight: Tensor) -> Tensor:  # (C_out, C_in, K) → (C_out, K·C_in)
+            return weight.transpose(1, 2).reshape(weight.shape[0], -1)
+
+        def as_column(bias: Tensor) -> Tensor:
+            return bias.view(-1, 1)
 
         return cls(
             v_rotated=cls.rotated(layer.vertical.weight),
-            v_b=layer.vertical.bias,
+            v_b=as_column(layer.vertical.bias),
             h_w=as_matrix(layer.horizontal.weight[:, :, 0, :]),
-            h_b=layer.horizontal.bias,
-            a_w=layer.to_a.weight.flatten(1).t().contiguous(),
-            a_b=layer.to_a.bias,
-            b_w=layer.to_b.weight.flatten(1).t().contiguous(),
-            b_b=layer.to_b.bias,
+            h_b=as_column(layer.horizontal.bias),
+            a_w=layer.to_a.weight.flatten(1),
+            a_b=as_column(layer.to_a.bias),
+            b_w=layer.to_b.weight.flatten(1),
+            b_b=as_column(layer.to_b.bias),
             out_rotated=cls.rotated(out_w),
-            out_b=layer.out.bias,
+            out_b=as_column(layer.out.bias),
             out_a=as_matrix(out_w[:, : layer.channels_a, k - 1, :]),
         )
+
+
+#: Per-site products of at most this many multiply-adds (≲ 100 µs on one core) run on one
+#: thread: sharing them gains less than waking the other OpenMP threads costs (passive waiting,
+#: or a loaded machine). Layers=18, channels=32 at B = 1024 is 3.1 M.
+_SINGLE_THREAD_MACS = 2**22
+
+
+def _set_threads(n_threads: int | None) -> None:
+    """Set torch's intra-op thread count to `n_threads` (None: leave it alone)."""
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+
+
+def _column_windows(ring: Tensor, n_windows: int) -> Tensor:
+    """View a (columns, K, C, B) ring as its overlapping K-column windows, without copying.
+
+    Args:
+        ring: (columns, K, C, B) contiguous ring buffer; columns ≥ n_windows + K − 1.
+        n_windows: number of windows (output columns).
+
+    Returns:
+        (n_windows, K·K·C, B) view; window c is ring[c : c + K] as one matrix.
+    """
+    n_slots, n_channels, n_batch = ring.shape[1:]
+    width = n_slots  # the kernel is K columns wide, as the ring is K rows deep
+    return ring.as_strided(
+        (n_windows, width * n_slots * n_channels, n_batch), (ring.stride(0), n_batch, 1)
+    )
+
+
+def _batched_matmul(
+    weight: Tensor, bias: Tensor, windows: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Return bias + weight @ windows[c] for every column c (one batched GEMM).
+
+    Args:
+        weight: (C_out, M) matrix.
+        bias: (C_out, 1) column.
+        windows: (columns, M, B) batch-last inputs (may overlap in memory).
+        out: optional (columns, C_out, B) destination.
+
+    Returns:
+        (columns, C_out, B).
+    """
+    batch = weight.expand(windows.shape[0], *weight.shape)
+    return torch.baddbmm(bias, batch, windows, out=out)
