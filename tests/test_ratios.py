@@ -184,3 +184,24 @@ def test_mcmc_with_ratio_cache_follows_the_full_pass_chain(ham_name):
     assert 0 < fast.info["acceptance"] == full.info["acceptance"] < 1
     assert (fast.log_psi - full.log_psi).abs().max().item() < TOLERANCE
     assert (fast.log_psi - model.log_psi(fast.x)).abs().max().item() < TOLERANCE
+
+
+def test_thread_split_gives_the_same_samples_and_local_energies():
+    """Cached sampling and local energies shared over 2 CPU threads equal the 1-thread run."""
+    lattice = SquareLattice(Lx=4, Ly=4)
+    model = _perturbed(PixelCNN(lattice=lattice, layers=3, channels=6), seed=8)
+    hamiltonian = TransverseFieldIsing(lattice=lattice, gamma=1.0)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            x, log_psi = model.sample(600, torch.Generator().manual_seed(4))
+            batch = Samples(x=x, weights=None, log_psi=log_psi, n_chains=1)
+            results.append((x, log_psi, vmc.local_energy(model, hamiltonian, batch).total))
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(1)
+    (x1, lp1, e1), (x2, lp2, e2) = results
+    assert torch.equal(x1, x2)
+    assert (lp1 - lp2).abs().max().item() < TOLERANCE
+    assert (e1 - e2).abs().max().item() < TOLERANCE

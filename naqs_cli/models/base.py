@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from naqs_cli import parallel
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models.constraints import (
     constrain_log_magnitudes,
@@ -17,6 +18,8 @@ from naqs_cli.models.constraints import (
 
 #: Sampling paths accepted by `AutoregressiveWaveFunction.sample`.
 SAMPLING_METHODS = ("cached", "reference")
+#: Fewest samples worth a CPU thread of their own in cached sampling (`naqs_cli.parallel`).
+MIN_SAMPLES_PER_THREAD = 256
 
 
 @dataclass(frozen=True)
@@ -338,9 +341,16 @@ class AutoregressiveWaveFunction(nn.Module):
         uniforms = torch.rand(
             n_samples, self.n_sites, generator=generator, dtype=torch.float64, device=device
         )
-        if method == "cached":
-            return self._sample_cached(uniforms)
-        return self._sample_reference(uniforms)
+        if method == "reference":
+            return self._sample_reference(uniforms)
+        # Rows are independent given their uniforms: threads share the batch (same result).
+        workers = parallel.n_workers(n_samples, MIN_SAMPLES_PER_THREAD, device)
+        parts = parallel.run_split(
+            lambda part: self._sample_cached(uniforms[part]), n_samples, workers
+        )
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([x for x, _ in parts]), torch.cat([lp for _, lp in parts])
 
     def sample_site(
         self, log_magnitude: Tensor, n_up_before: Tensor | None, site: int, uniforms: Tensor
