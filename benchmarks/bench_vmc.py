@@ -446,7 +446,16 @@ def memory_at_full_size(case: dict, model: PixelCNN, hamiltonian, pool: SamplePo
         and intercept + per_sample * chunk_fit * 2 <= GRADIENT_MARGIN * MEMORY_TARGET_BYTES
     ):
         chunk_fit *= 2
-    print(f"  memory: gradient over {batch} samples in chunks of {chunk_fit}", flush=True)
+    effective = vmc.backward_chunk(model, min(batch, CHUNK_SIZE))
+    if effective < min(batch, CHUNK_SIZE):
+        # vmc_gradient shrinks the trainer's chunk to fit vmc.BACKWARD_BYTES by itself:
+        # measure that setting directly (no extrapolation needed).
+        chunk_fit = min(batch, CHUNK_SIZE)
+    print(
+        f"  memory: gradient over {batch} samples, chunk_size={chunk_fit}"
+        f" (backward chunks of {min(chunk_fit, effective)})",
+        flush=True,
+    )
     reset_peak()
     gradient = _gradient_pass(model, samples, chunk_fit, optimizer)
     gradient_peak = peak_bytes()
@@ -468,6 +477,7 @@ def memory_at_full_size(case: dict, model: PixelCNN, hamiltonian, pool: SamplePo
         "gradient_probe_peak_bytes": {str(n): p for n, p in probes.items()},
         "gradient_bytes_per_sample_in_chunk": per_sample,
         "gradient_chunk_size": chunk_fit,
+        "gradient_backward_chunk": min(chunk_fit, effective),
         "gradient_s": gradient["seconds"],
         "gradient_peak_bytes": gradient_peak,
         "gradient_peak_bytes_at_chunk_1024_extrapolated": gradient_extrapolated,
@@ -602,7 +612,8 @@ def _memory_markdown(m: dict) -> list[str]:
         f"| local energy | measured on {m['local_energy_references']} samples ×"
         f" {m['local_energy_connections_kept']} connections ({m['local_energy_probe_s']:.0f} s)"
         f" | {_gb(m['local_energy_peak_bytes'])} |",
-        f"| gradient + Adam, chunk {chunk} | measured, {m['batch']} samples"
+        f"| gradient + Adam, chunk_size {chunk} (backward chunks of"
+        f" {m.get('gradient_backward_chunk', chunk)}) | measured, {m['batch']} samples"
         f" ({m['gradient_s']:.0f} s) | {_gb(m['gradient_peak_bytes'])} |",
     ]
     summary = (
