@@ -3,9 +3,9 @@
 The PixelCNN's convolutions have few channels: one oneDNN call gains almost nothing from a
 second intra-op thread (measured: 0.98× with 2 threads on a 6 × 6 VMC step). Independent
 pieces of work (reference configurations of the local energy, sample rows of the cached
-sampler) run instead in `torch.get_num_threads()` Python threads, one intra-op thread each;
-torch releases the GIL inside its kernels. Results are joined in a fixed order, so they do not
-depend on scheduling.
+sampler) run instead in up to `torch.get_num_threads()` Python threads (at most `MAX_WORKERS`)
+that share the intra-op threads; torch releases the GIL inside its kernels. Results are joined
+in a fixed order, so they do not depend on scheduling.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+
+#: Most Python threads for one piece of work (GIL contention grows with more); the intra-op
+#: threads are shared out among them.
+MAX_WORKERS = 8
 
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -34,7 +38,7 @@ def n_workers(n_items: int, min_items: int, device: torch.device) -> int:
     """
     if device.type != "cpu" or threading.current_thread() is not threading.main_thread():
         return 1
-    return max(1, min(torch.get_num_threads(), n_items // max(1, min_items)))
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS, n_items // max(1, min_items)))
 
 
 def split(n_items: int, parts: int) -> list[slice]:
@@ -56,16 +60,18 @@ def _one_thread_each(n: int) -> Iterator[None]:
 def run_split(function: Callable[[slice], T], n_items: int, workers: int) -> list[T]:
     """Run function(part) on `workers` contiguous parts of range(n_items), in threads.
 
-    Each thread runs with one intra-op thread and the caller's grad mode; the results come
-    back in part order. With workers = 1 the function runs inline on the whole range.
+    Each thread runs with torch.get_num_threads() // workers intra-op threads (one on small
+    machines) and the caller's grad mode; the results come back in part order. With
+    workers = 1 the function runs inline on the whole range.
     """
     parts = split(n_items, workers)
     if workers == 1:
         return [function(parts[0])]
     grad = torch.is_grad_enabled()
+    per_worker = max(1, torch.get_num_threads() // workers)
 
     def task(part: slice) -> T:
-        torch.set_num_threads(1)
+        torch.set_num_threads(per_worker)
         with torch.set_grad_enabled(grad):
             return function(part)
 
