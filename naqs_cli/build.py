@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from naqs_cli import distributed
+from naqs_cli.errors import ConfigError
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.limits import ED_MAX_SITES, FULLSUM_MAX_SITES
 
@@ -44,10 +45,6 @@ EVALUATE_KEYS = (
 MAX_SEED = 2**62
 
 
-class ConfigError(ValueError):
-    """A user mistake in the composed configuration (one line, shown without traceback)."""
-
-    exit_code = 2
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -17,22 +17,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from naqs_cli.errors import PeerFailedError
+
 T = TypeVar("T")
 
 #: Exit code of a rank that stops because rank 0 failed, when rank 0's error names none.
 DEFAULT_EXIT_CODE = 1
 
 
-class PeerFailedError(RuntimeError):
-    """Rank 0 failed in a step only it runs (a write); the other ranks stop with its exit code.
-
-    Attributes:
-        exit_code: the exit code rank 0 stops with.
-    """
-
-    def __init__(self, message: str, exit_code: int = DEFAULT_EXIT_CODE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # --- launch environment (read before the process group exists) ---------------------------

@@ -21,15 +21,13 @@ import h5py
 import numpy as np
 import torch
 
+from naqs_cli.errors import CheckpointError
+
 #: Bumped whenever the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("format_version", "config", "model", "step")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, of another format or incompatible."""
-
-    exit_code = 2
 
 
 _HOOK_MODULES: dict[str, Any] = {}
