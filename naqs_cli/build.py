@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
 EXACT_METHODS = ("auto", "ed", "free_fermion")
+EXACT_REFERENCE_MODES = ("auto", "never")
 MCMC_INITS = ("random", "up", "down")
 MCMC_MOVES = ("auto", "flip", "exchange")
 SAMPLER_KINDS = ("direct", "fullsum", "mcmc")
@@ -567,6 +568,8 @@ def _validate_train(cfg: DictConfig) -> None:
     _int_at_least("train.best_smoothing", train.best_smoothing, 1)
     _int_at_least("train.max_nonfinite", train.max_nonfinite, 1)
     _int_at_least("train.max_rollbacks", train.max_rollbacks, 0)
+    # .get: configs stored by runs that predate the key mean "auto".
+    _choice("train.exact_reference", train.get("exact_reference", "auto"), EXACT_REFERENCE_MODES)
     if train.stages is not None:
         if len(train.stages) == 0:
             _fail("train.stages", "[]", "give at least one {steps, n_samples, lr} or null")

@@ -131,6 +131,9 @@ class TrainSection:
     best_smoothing: int = 20
     max_nonfinite: int = 5
     max_rollbacks: int = 3
+    # auto: exact reference (cached on disk) when computable, else `reference`; never: only
+    # the `reference` section (no exact diagonalization at the end of a run).
+    exact_reference: str = "auto"
 
 
 @dataclass
@@ -139,7 +142,6 @@ class ReferenceConfig:
 
     energy: float | None = None
     source: str = ""
-    naqs_energy: float | None = None
     # Rows [gamma, energy, naqs_energy, abs_magnetization, naqs_abs_magnetization]: the row
     # whose gamma equals ham.gamma supplies the reference (paper Table I).
     table: list[list[float]] | None = None

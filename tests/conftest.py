@@ -59,6 +59,19 @@ def run_cli(
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_home(tmp_path_factory):
+    # Exact references are cached under $XDG_CACHE_HOME: keep the user's cache out of the
+    # tests (os.environ, so CLI subprocesses inherit it).
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _cpu_threads():
     # Test tensors are small: one thread avoids OpenMP spin-waiting when CPUs are shared.
