@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -28,17 +28,15 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("format_version", "config", "model", "step")
 
 
-
-
 _HOOK_MODULES: dict[str, Any] = {}
 
 
 def _test_hook(name: str) -> Callable[..., Any] | None:
     """Return the test hook `name` named by NAQS_TEST_HOOKS=module:function, if any.
 
-    Production code calls hooks at fixed points (e.g. in the middle of a checkpoint write);
-    only tests set the variable. `module` is a dotted module name or a path to a `.py` file;
-    `function` returns a dict {hook name: callable}.
+    The training loop calls hooks at fixed points of a step; only tests set the variable.
+    `module` is a dotted module name or a path to a `.py` file; `function` returns a dict
+    {hook name: callable}.
     """
     spec = os.environ.get("NAQS_TEST_HOOKS")
     if not spec:
@@ -136,7 +134,6 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    hook = _test_hook("checkpoint_write")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
@@ -144,9 +141,7 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         state = {k: v for k, v in state.items() if k != "digest"}
         state["digest"] = state_digest(state)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
-            if hook is not None:
-                hook(f)
+            _write_checkpoint_file(f, state)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -160,19 +155,37 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
+def _write_checkpoint_file(file: BinaryIO, state: Mapping[str, Any]) -> None:
+    """Serialize `state` into the open temporary file of `save_checkpoint` (not yet synced).
+
+    Args:
+        file: the temporary file, opened for binary writing; `file.name` is its path.
+        state: the checkpoint, its digest included.
+    """
+    torch.save(state, file)
+
+
+def load_checkpoint(
+    path: Path | str,
+    map_location: str | torch.device = "cpu",
+    allow_unverified: bool = False,
+) -> dict:
     """Read and check a checkpoint.
 
     Only tensors and plain Python values are unpickled (`weights_only=True`), so a crafted
-    file cannot run code; the stored digest (see `state_digest`) catches flipped bytes.
+    file cannot run code; the stored digest (see `state_digest`) catches flipped bytes. Every
+    checkpoint naqs writes carries a digest, so a file without one was written by another
+    program or edited, and is refused unless `allow_unverified`.
 
     Args:
         path: the checkpoint file, or a run directory (its `checkpoints/last.pt` is read).
         map_location: where tensors are loaded.
+        allow_unverified: accept a checkpoint that carries no digest (the user trusts it).
 
     Raises:
-        CheckpointError: missing, truncated/corrupted, of another format version, or lacking
-            the keys this version writes; the message names the file.
+        CheckpointError: missing, truncated/corrupted, of another format version, lacking
+            the keys this version writes, or without a digest (unless `allow_unverified`);
+            the message names the file.
     """
     path = resolve_checkpoint(path)
     try:
@@ -192,6 +205,12 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f" version {CHECKPOINT_FORMAT_VERSION}"
         )
     digest = state.pop("digest", None)
+    if digest is None and not allow_unverified:
+        raise CheckpointError(
+            f"{path} carries no checksum (naqs writes one into every checkpoint, so this file"
+            " was written by another program, or edited); if you trust it, re-run with"
+            " +allow_unverified_checkpoint=true"
+        )
     if digest is not None and digest != state_digest(state):
         raise CheckpointError(
             f"{path} is corrupted: its contents do not match the checksum written with it"
@@ -207,6 +226,93 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     ):
         raise CheckpointError(f"{path} is not a naqs checkpoint (malformed config, model or step)")
     return state
+
+
+def map_rng_states(
+    state: Mapping[str, Any], device: torch.device | str, path: Path | str | None = None
+) -> dict:
+    """Return a copy of checkpoint `state` whose random states can be restored on `device`.
+
+    `torch.set_rng_state` and `torch.Generator.set_state` take CPU byte tensors only (for a
+    CUDA generator too), while a checkpoint loaded with `map_location` on a GPU holds them
+    there: the torch RNG states ("rng") and the samplers' generator states go to the CPU, the
+    Markov chain states ("x") to `device`. Model and optimizer tensors are left where
+    `map_location` put them (their `load_state_dict` places them by the parameters).
+
+    Call it right after `load_checkpoint`, before anything is built from the checkpoint, so
+    that a run whose samplers drew on another device type is refused at once.
+
+    Args:
+        state: a checkpoint as `load_checkpoint` returns it (not modified).
+        device: where training continues (the sampler generators live there).
+        path: the checkpoint file, named in the error message.
+
+    Raises:
+        CheckpointError: a sampler generator state was saved on another device type (one line
+            naming the `device=` to resume with).
+    """
+    mapped = dict(state)
+    if isinstance(state.get("rng"), (list, tuple)):
+        mapped["rng"] = [_to(rng, "cpu") for rng in state["rng"]]
+    if isinstance(state.get("sampler"), (list, tuple)):
+        samplers = []
+        for sampler in state["sampler"]:
+            if isinstance(sampler, Mapping):
+                sampler = dict(sampler)
+                if isinstance(sampler.get("generator"), torch.Tensor):
+                    sampler["generator"] = sampler["generator"].cpu()
+                    problem = _generator_state_problem(sampler["generator"], device, path)
+                    if problem is not None:
+                        raise CheckpointError(f"{path}: {problem}" if path else problem)
+                if "x" in sampler:
+                    sampler["x"] = _to(sampler["x"], device)
+            samplers.append(sampler)
+        mapped["sampler"] = samplers
+    return mapped
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor) -> None:
+    """Set `generator` to a state its `get_state` returned (the tensor on any device).
+
+    Raises:
+        CheckpointError: the state belongs to a generator of another device type (one line
+            naming the `device=` to resume with).
+    """
+    problem = _generator_state_problem(saved, generator.device)
+    if problem is not None:
+        raise CheckpointError(problem)
+    generator.set_state(saved.cpu())
+
+
+def _generator_state_problem(
+    saved: torch.Tensor, device: torch.device | str, path: Path | str | None = None
+) -> str | None:
+    """Return why a `torch.Generator` on `device` cannot take the state `saved` (None if it can).
+
+    `path`, the checkpoint, is named in the advice to start anew from its weights.
+
+    A CPU generator (Mersenne Twister, 5056 bytes of state) and a CUDA one (Philox: seed and
+    offset, 16 bytes) cannot continue each other's streams; `set_state` refuses the other's.
+    """
+    target = torch.device(device).type
+    try:
+        torch.Generator(device=device).set_state(saved.cpu())
+    except (RuntimeError, TypeError) as err:
+        cpu_size = torch.Generator().get_state().numel()
+        source = "cpu" if saved.numel() == cpu_size else "cuda"
+        if source == target:
+            return f"the sampler's random state is malformed ({_load_error_detail(err)})"
+        return (
+            f"its sampler random state was drawn on {source} and a {target} generator cannot"
+            f" continue it: resume with device={source}, or start a new run on {target} from"
+            f" its weights with train.init_from={path or '<this checkpoint>'}"
+        )
+    return None
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """Return `value` on `device` if it is a tensor, else unchanged."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _load_error_detail(err: Exception) -> str:
@@ -284,33 +390,35 @@ class HistoryWriter:
         n_new = lengths.pop()
         if n_new == 0:
             return
-        hook = _test_hook("history_write")
         with self._open("a") as f:
             try:
                 group = f.require_group(self.GROUP)
                 n_old = _n_rows(group)
                 for name, values in rows.items():
-                    values = np.asarray(values)
-                    if name not in group:
-                        group.create_dataset(
-                            name,
-                            shape=(n_old,),
-                            maxshape=(None,),
-                            dtype=values.dtype,
-                            chunks=(1024,),
-                            fillvalue=np.nan if values.dtype.kind == "f" else 0,
-                        )
-                    dset = group[name]
-                    dset.resize((n_old + n_new,))
-                    dset[n_old:] = values
-                    if hook is not None:
-                        hook(self.path, name)
+                    self._write_column(group, name, np.asarray(values), n_old)
                 for name in group:  # columns absent from this flush keep equal length
                     if group[name].shape[0] != n_old + n_new:
                         group[name].resize((n_old + n_new,))
                 f.flush()
             except OSError as err:
                 raise OSError(err.errno, f"could not write history {self.path}: {err}") from err
+
+    @staticmethod
+    def _write_column(group: h5py.Group, name: str, values: np.ndarray, start: int) -> None:
+        """Write `values` as rows `start`, `start + 1`, ... of column `name` (created if new,
+        its earlier rows NaN or 0)."""
+        if name not in group:
+            group.create_dataset(
+                name,
+                shape=(start,),
+                maxshape=(None,),
+                dtype=values.dtype,
+                chunks=(1024,),
+                fillvalue=np.nan if values.dtype.kind == "f" else 0,
+            )
+        dset = group[name]
+        dset.resize((start + len(values),))
+        dset[start:] = values
 
     def truncate_from(self, step: int) -> int:
         """Drop rows whose `step` is ≥ `step` (a resumed run recomputes them); return kept rows.

@@ -1,18 +1,17 @@
-"""Test hooks for naqs, selected with NAQS_TEST_HOOKS=<path of this file>:<function>.
+"""Training-step test hooks, selected with NAQS_TEST_HOOKS=<path of this file>:<function>.
 
-Each function below returns the {hook name: callable} dict that `naqs_cli.store._test_hook`
-looks up at fixed points of production code:
+Each function below returns the {hook name: callable} dict that the training loop looks up
+(`naqs_cli.store._test_hook`) at fixed points of a step:
 
 - "training_batch"(step, batch): after sampling, before the training step (may edit `batch`);
-- "after_update"(step, model): after the optimizer step;
-- "checkpoint_write"(file): inside a checkpoint write, the temporary file still open;
-- "history_write"(path, column): inside an HDF5 append, after each column is written.
+- "after_update"(step, model): after the optimizer step.
 
-Parameters come from environment variables, so a test sets them for one subprocess:
+Tests select them through tests/hooked_cli.py (hooksets progress, nan_energies,
+nan_parameters and the write hooksets, which record progress too) or by setting the
+variable themselves. Parameters come from environment variables, so a test sets them for one
+subprocess:
 
 - NAQS_TEST_PROGRESS: a file that receives the current step before each training step;
-- NAQS_TEST_MARKER: a file created when a hook starts stalling (the test then kills);
-- NAQS_TEST_NTH: which call of the hook stalls or fails (1-based);
 - NAQS_TEST_CALLS: training steps (1-based call counts) that get NaN, e.g. "6-8" or "3-".
 
 Counters count calls in this process, so a step that is repeated after a rollback or a resume
@@ -21,10 +20,8 @@ is a new call.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import time
 from pathlib import Path
 
 _COUNTS: dict[str, int] = {}
@@ -33,19 +30,6 @@ _COUNTS: dict[str, int] = {}
 def _count(name: str) -> int:
     _COUNTS[name] = _COUNTS.get(name, 0) + 1
     return _COUNTS[name]
-
-
-def _nth() -> int:
-    return int(os.environ.get("NAQS_TEST_NTH", "1"))
-
-
-def _stall() -> None:
-    """Tell the test we are inside the write, then wait to be killed."""
-    marker = os.environ.get("NAQS_TEST_MARKER")
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-    for _ in range(600):
-        time.sleep(0.1)  # a test hook: never in production code
 
 
 def _in_calls(call: int) -> bool:
@@ -64,23 +48,6 @@ def _record_progress(step: int, batch) -> None:
         tmp = f"{path}.tmp"
         Path(tmp).write_text(str(step))
         os.replace(tmp, path)
-
-
-def _stall_in_last_write(file) -> None:
-    if "last.pt" in Path(file.name).name and _count("last.pt") == _nth():
-        file.flush()
-        file.truncate(max(file.tell() // 2, 1))  # a half-written temporary file
-        _stall()
-
-
-def _fail_last_write(file) -> None:
-    if "last.pt" in Path(file.name).name and _count("last.pt") == _nth():
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def _stall_in_history(path, column: str) -> None:
-    if column == "step" and _count("history") == _nth():
-        _stall()
 
 
 _POISONED: list = []  # batches whose local energies come out NaN
@@ -121,21 +88,6 @@ def _nan_parameters(step: int, model) -> None:
 def progress() -> dict:
     """Record the step in NAQS_TEST_PROGRESS."""
     return {"training_batch": _record_progress}
-
-
-def slow_checkpoint() -> dict:
-    """Stall inside the NAQS_TEST_NTH-th write of last.pt, with a half-written temp file."""
-    return {"training_batch": _record_progress, "checkpoint_write": _stall_in_last_write}
-
-
-def slow_history() -> dict:
-    """Stall inside the NAQS_TEST_NTH-th HDF5 append, after its `step` column is written."""
-    return {"training_batch": _record_progress, "history_write": _stall_in_history}
-
-
-def failing_checkpoint() -> dict:
-    """Fail the NAQS_TEST_NTH-th write of last.pt with ENOSPC (a full disk)."""
-    return {"training_batch": _record_progress, "checkpoint_write": _fail_last_write}
 
 
 def nan_energies() -> dict:

@@ -1,8 +1,9 @@
 """Interruption, kills, non-finite numbers and failed writes, through the real CLI.
 
-Slow or failing writes and NaNs come from test hooks (tests/hooks.py, NAQS_TEST_HOOKS);
-production code has no sleeps. Every subprocess costs a few seconds of imports, so each test
-strings several runs together on one run directory.
+Slow or failing writes and NaNs come from tests/hooked_cli.py, which patches the write
+functions of `naqs_cli.store` (and selects the training-step hooks of tests/hooks.py) before
+it runs the CLI; production code has no sleeps. Every subprocess costs a few seconds of
+imports, so each test strings several runs together on one run directory.
 """
 
 from __future__ import annotations
@@ -23,28 +24,45 @@ from conftest import ROOT, TINY_TRAIN, compose, run_cli
 from naqs_cli import store, tasks
 
 HOOKS = str(ROOT / "tests" / "hooks.py")
+#: Runs the CLI with the patches of a hookset: python tests/hooked_cli.py HOOKSET ARGS...
+HOOKED_CLI = str(ROOT / "tests" / "hooked_cli.py")
 TINY = [*TINY_TRAIN, "train.final_samples=0"]
 #: Seconds to wait for a subprocess to reach a point (imports are slow on loaded CPUs).
 WAIT = 180
 
 
-def _env(hooks: str, **values: object) -> dict[str, str]:
-    env = {"NAQS_TEST_HOOKS": f"{HOOKS}:{hooks}", "OMP_NUM_THREADS": "1"}
+def _params(**values: object) -> dict[str, str]:
+    """Return the environment that passes `values` to the hooks (NAQS_TEST_<NAME>)."""
+    env = {"OMP_NUM_THREADS": "1"}
     env.update({f"NAQS_TEST_{k.upper()}": str(v) for k, v in values.items()})
     return env
 
 
-def _spawn(*args: str, env: dict[str, str]) -> subprocess.Popen:
+def _env(hooks: str, **values: object) -> dict[str, str]:
+    """Return the environment that selects the training-step hooks `hooks` of tests/hooks.py."""
+    return {"NAQS_TEST_HOOKS": f"{HOOKS}:{hooks}", **_params(**values)}
+
+
+def _spawn(hookset: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start `naqs ARGS` with the patches of `hookset` (see tests/hooked_cli.py)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.pop("NAQS_TEST_HOOKS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "naqs_cli", *args],
+        [sys.executable, HOOKED_CLI, hookset, *args],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _run_hooked(hookset: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run `naqs ARGS` with the patches of `hookset` to the end."""
+    proc = _spawn(hookset, *args, env=env)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
@@ -99,7 +117,7 @@ def _one_line(stderr: str) -> str:
 def _stop_with(sig: signal.Signals, run: Path, progress: Path, steps_on: int) -> int:
     """Resume the run, send `sig` after `steps_on` more steps; return the step it stopped at."""
     start = int(progress.read_text())
-    proc = _spawn("train", f"resume={run}", env=_env("progress", progress=progress))
+    proc = _spawn("progress", "train", f"resume={run}", env=_params(progress=progress))
     _wait_for(proc, _progress_at_least(progress, start + steps_on), "more training steps")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=WAIT)
@@ -118,8 +136,8 @@ def test_kills_and_signals_then_resume_without_duplicates(tmp_path):
     args = [*TINY, "train.steps=100000", "train.log_every=2", "train.checkpoint_every=4"]
 
     # SIGKILL during the third write of last.pt (steps 0, 4, then 8), its temp file half done.
-    env = _env("slow_checkpoint", progress=progress, marker=marker, nth=3)
-    proc = _spawn("train", *args, f"hydra.run.dir={run}", env=env)
+    env = _params(progress=progress, marker=marker, nth=3)
+    proc = _spawn("slow_checkpoint", "train", *args, f"hydra.run.dir={run}", env=env)
     _wait_for(proc, marker.exists, "the slow checkpoint write")
     proc.kill()
     proc.wait()
@@ -129,8 +147,8 @@ def test_kills_and_signals_then_resume_without_duplicates(tmp_path):
 
     # Resumed at step 4; SIGKILL inside its second HDF5 append (steps 6 and 7).
     marker.unlink()
-    env = _env("slow_history", progress=progress, marker=marker, nth=2)
-    proc = _spawn("train", f"resume={run}", env=env)
+    env = _params(progress=progress, marker=marker, nth=2)
+    proc = _spawn("slow_history", "train", f"resume={run}", env=env)
     _wait_for(proc, marker.exists, "the slow HDF5 append")
     proc.kill()
     proc.wait()
@@ -220,7 +238,8 @@ def test_save_refuses_non_finite_state(tmp_path):
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "train.steps=20", "train.log_every=2", "train.checkpoint_every=4"]
-    proc = run_cli("train", *args, f"hydra.run.dir={run}", env=_env("failing_checkpoint", nth=2))
+    env = _params(nth=2)
+    proc = _run_hooked("failing_checkpoint", "train", *args, f"hydra.run.dir={run}", env=env)
     assert proc.returncode == 1, proc.stderr
     line = _one_line(proc.stderr)
     assert f"could not write checkpoint {run / 'checkpoints' / 'last.pt'}" in line, line

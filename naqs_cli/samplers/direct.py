@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from naqs_cli import store
 from naqs_cli.samplers import Samples
 
 
@@ -42,5 +43,9 @@ class DirectSampler:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the generator state written by `state_dict`."""
-        self.generator.set_state(state["generator"].cpu())
+        """Restore the generator state written by `state_dict` (the tensor on any device).
+
+        Raises:
+            CheckpointError: the state comes from a generator on another device type.
+        """
+        store.restore_generator(self.generator, state["generator"])

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from naqs_cli import store
 from naqs_cli.samplers import Samples
 
 #: Accepted values of `init`.
@@ -344,8 +345,9 @@ class MetropolisSampler:
 
         Raises:
             ValueError: the stored chains do not have shape (n_chains, N).
+            CheckpointError: the generator state comes from another device type.
         """
-        self.generator.set_state(state["generator"].cpu())
+        store.restore_generator(self.generator, state["generator"])
         x = state.get("x")
         if x is None:
             self.reset()
