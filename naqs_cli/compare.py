@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from naqs_cli import build, store
 from naqs_cli.build import target_kind, unwrap
 from naqs_cli.limits import FULLSUM_MAX_SITES
-from naqs_cli.observables import integrated_time, magnetization, split_r_hat
+from naqs_cli.observables import magnetization
 from naqs_cli.samplers import Samples
 from naqs_cli.samplers.direct import DirectSampler
 from naqs_cli.samplers.metropolis import MetropolisSampler, fixed_n_up
+from naqs_cli.stats import Stats
 from naqs_cli.vmc import estimate_observables, local_energy, train_step
 
 log = logging.getLogger(__name__)
@@ -36,39 +37,6 @@ AGREEMENT_SIGMAS = 3.0
 
 
 # --- statistics ---------------------------------------------------------------------------
-def iid_stats(values: np.ndarray) -> dict[str, float]:
-    """Return mean and standard error of i.i.d. values.
-
-    Args:
-        values: (S,) float64 values.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    n = values.size
-    return {"mean": float(values.mean()), "err": float(values.std() / math.sqrt(max(n - 1, 1)))}
-
-
-def chain_stats(values: np.ndarray) -> dict[str, float]:
-    """Return mean, τ-corrected standard error, τ and split R-hat of Markov-chain values.
-
-    err = sqrt(Var · 2τ / n) with the pooled variance, τ the integrated autocorrelation time
-    (in kept samples) averaged over chains, R-hat the split Gelman–Rubin statistic.
-
-    Args:
-        values: (C, L) float64 values, one row per chain.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    n_chains = values.shape[0]
-    flat = values.reshape(-1)
-    tau = integrated_time(flat, n_chains)
-    error = math.sqrt(float(flat.var()) * 2.0 * tau / flat.size)
-    return {
-        "mean": float(flat.mean()),
-        "err": error,
-        "tau": tau,
-        "r_hat": split_r_hat(flat, n_chains),
-    }
-
-
 def _observable_values(x: torch.Tensor, e_loc: torch.Tensor, hamiltonian) -> dict[str, Any]:
     """Return per-sample observables as float64 arrays.
 
@@ -100,11 +68,11 @@ def _summarize(values: dict[str, np.ndarray], n_chains: int | None) -> dict[str,
     out: dict[str, float] = {}
     for name, v in values.items():
         if n_chains is None:
-            s = iid_stats(v)
+            s = Stats.iid(v)
         else:
-            s = chain_stats(v.reshape(n_chains, -1))
-            out[f"{name}_tau"], out[f"{name}_r_hat"] = s["tau"], s["r_hat"]
-        out[name], out[f"{name}_err"] = s["mean"], s["err"]
+            s = Stats.markov(v.reshape(n_chains, -1))
+            out[f"{name}_tau"], out[f"{name}_r_hat"] = s.tau, s.r_hat
+        out[name], out[f"{name}_err"] = s.mean, s.error
     energy = values["energy"]
     out["energy_variance"] = float(energy.var())
     out["n_samples"] = int(energy.size)

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from naqs_cli import distributed, parallel
-from naqs_cli.observables import magnetization, staggered_magnetization, weighted_stats
+from naqs_cli.observables import magnetization, staggered_magnetization
 from naqs_cli.samplers import Samples
+from naqs_cli.stats import Stats
 
 _SPARSE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -208,13 +209,18 @@ BACKWARD_BYTES = 2 * 2**30
 def backward_chunk(model: torch.nn.Module, chunk_size: int) -> int:
     """Return `chunk_size`, lowered so one chunk's autograd graph fits `BACKWARD_BYTES`.
 
-    Uses the model's `activation_bytes_per_sample` estimate where it has one (the PixelCNN:
-    about 3 MB per sample for 4 × 16 at L = 21, 14 MB for the paper's 18 × 32).
+    Uses the network's `activation_bytes_per_sample` estimate where it has one (the PixelCNN:
+    about 3 MB per sample for 4 × 16 at L = 21, 14 MB for the paper's 18 × 32). A symmetrized
+    model (`group_size` |G|, network `base`) runs the network on |G| images of every sample,
+    so its budget per sample is |G| times smaller.
     """
-    estimate = getattr(model, "activation_bytes_per_sample", None)
+    network = getattr(model, "base", model)
+    estimate = getattr(network, "activation_bytes_per_sample", None)
     if estimate is None:
         return chunk_size
-    return max(1, min(chunk_size, BACKWARD_BYTES // max(1, int(estimate()))))
+    group_size = int(getattr(model, "group_size", 1))
+    per_sample = max(1, int(estimate())) * max(1, group_size)
+    return max(1, min(chunk_size, BACKWARD_BYTES // per_sample))
 
 
 def vmc_gradient(
@@ -278,14 +284,15 @@ def train_step(
     must be known on the host, because Adam's moments must not see a skipped step.
 
     Args:
-        chunk_size: samples per backward pass.
+        chunk_size: samples per backward pass (lowered to fit `BACKWARD_BYTES`) and
+            configurations per network pass of the local energies.
         grad_clip: clip the gradient norm to this value (None: no clipping).
         n_total: samples over all ranks (default: this batch's size × world size).
         pending_check: a 0-dim bool tensor on the model's device read in the same sync (the
             trainer's deferred check that the previous update left the parameters finite);
             False skips the update.
     """
-    e_loc = batch_local_energy(model, hamiltonian, batch, chunk_size=max(chunk_size, 1024))
+    e_loc = batch_local_energy(model, hamiltonian, batch, chunk_size=chunk_size)
     optimizer.zero_grad(set_to_none=True)
     n_total = n_total or batch.n_samples * distributed.world_size()
     e_mean = weighted_mean(e_loc.total, batch, n_total)
@@ -346,21 +353,16 @@ def _sublattice_sign(hamiltonian, device: torch.device) -> torch.Tensor:
     return signs[device]
 
 
-def _reduced_sums(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Return Σ_x w(x)·values[:, x] (or plain sums) over every rank's samples: (k,)."""
-    sums = values.sum(dim=1) if weights is None else values @ weights
-    return distributed.all_reduce_sum(sums)
-
-
 def observable_estimates(
     batch: Samples, e_loc: LocalEnergy, hamiltonian, n_chains: int | None = None
 ) -> dict[str, float | torch.Tensor]:
     """Return the per-site observables of DESIGN.md with their errors, over every rank's batch.
 
     Same keys as `estimate_observables`, but i.i.d. and full-sum batches give 0-dim float64
-    tensors on the batch's device, computed without reading the device (the moments are
-    all-reduced over ranks); `to_floats` turns them into numbers. Markov-chain batches need
-    each chain's series (τ, R-hat): the ranks' values are gathered and reduced on the host.
+    tensors on the batch's device, computed without reading the device (`Stats.rows`: the
+    moments are all-reduced over ranks); `to_floats` turns them into numbers. Markov-chain
+    batches need each chain's series (τ, R-hat): the ranks' values are gathered and reduced
+    on the host.
 
     Args:
         batch: this rank's samples.
@@ -376,35 +378,17 @@ def observable_estimates(
         return _chain_estimates(names, values, hamiltonian, n_chains)
     n_sites = hamiltonian.n_sites
     weights = None if batch.weights is None else batch.weights.to(torch.float64)
-    n = None
-    if weights is None:  # uniform weights 1/n: the sample count is all-reduced with the sums
-        count = torch.full((1,), values.shape[1], dtype=torch.float64, device=values.device)
-        first = distributed.all_reduce_sum(torch.cat([values.sum(dim=1), count]))
-        n = first[-1]
-        means = first[:-1] / n
-    else:
-        means = _reduced_sums(values, weights)
-    # Two-pass moments (as numpy's var), each pass one all-reduce of a few numbers.
-    centred = values - means[:, None]
-    dev2 = (centred[1] ** 2 + centred[2] ** 2) / n_sites**2  # |E_loc − ⟨E_loc⟩|²/N²
-    second = _reduced_sums(torch.cat([centred**2, dev2[None]]), weights)
-    if n is not None:
-        second = second / n
-    variances, var_mean = second[:-1], second[-1]
-    dev2_var = _reduced_sums(((dev2 - var_mean) ** 2)[None], weights)[0]
-    if n is not None:
-        dev2_var = dev2_var / n
-        scale = 1.0 / torch.clamp(n - 1, min=1)
-        errors = torch.sqrt(variances * scale)
-        var_err = torch.sqrt(dev2_var * scale)
-    else:
-        errors = torch.zeros_like(variances)
-        var_err = torch.zeros_like(var_mean)
+
+    def deviation(means: torch.Tensor) -> torch.Tensor:  # |E_loc − ⟨E_loc⟩|²/N²: mean Var(H)/N²
+        re, im = values[1:3] - means[1:3, None]
+        return ((re**2 + im**2) / n_sites**2)[None]
+
+    stats = Stats.rows(values, weights, distributed.all_reduce_sum, derived=deviation)
     out: dict[str, float | torch.Tensor] = {}
     for i, name in enumerate(names):
         if not name.startswith("_"):
-            out[name], out[f"{name}_err"] = means[i], errors[i]
-    _variance_estimates(out, var_mean, var_err, n_sites)
+            out[name], out[f"{name}_err"] = stats.mean[i], stats.error[i]
+    _variance_estimates(out, stats.mean[-1], stats.error[-1], n_sites)
     _fill_missing(out, hamiltonian)
     return {key: out[key] for key in _ordered_keys(out)}
 
@@ -450,11 +434,11 @@ def _chain_estimates(
     stats = {}
     for i, name in enumerate(names):
         if not name.startswith("_"):
-            stats[name] = weighted_stats(v[i], None, n_chains)
+            stats[name] = Stats.markov(v[i].reshape(n_chains, -1))
             out[name], out[f"{name}_err"] = stats[name].mean, stats[name].error
     total = v[1] + 1j * v[2]
     dev2 = np.abs(total - total.mean()) ** 2 / n_sites**2
-    var = weighted_stats(dev2, None, n_chains)
+    var = Stats.markov(dev2.reshape(n_chains, -1))
     out["energy_variance"], out["energy_variance_err"] = var.mean, var.error
     e_total = stats["energy"].mean * n_sites
     v_score = n_sites * var.mean * n_sites**2 / e_total**2 if e_total != 0 else math.nan

@@ -10,7 +10,7 @@ from conftest import compose, run_cli
 
 from naqs_cli import build, tasks
 from naqs_cli.build import ConfigError
-from naqs_cli.compare import chain_stats, iid_stats, principal_components, sampling_verdict
+from naqs_cli.compare import principal_components, sampling_verdict
 from naqs_cli.exact import enumerate_basis, model_expectations
 from naqs_cli.hamiltonians import TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
@@ -18,6 +18,7 @@ from naqs_cli.models.dense import DenseNAQS
 from naqs_cli.models.symmetry import SymmetrizedWaveFunction
 from naqs_cli.samplers.direct import DirectSampler
 from naqs_cli.samplers.metropolis import MetropolisSampler
+from naqs_cli.stats import Stats
 from naqs_cli.vmc import train_step
 
 #: Keys every method group of compare_sampling.h5 holds.
@@ -67,10 +68,10 @@ def test_chains_started_all_up_miss_the_second_mode():
 
     direct = DirectSampler(seed=1).sample(model, 4096)
     m_direct = (2.0 * direct.x.double() - 1.0).mean(dim=1).numpy()
-    m = iid_stats(m_direct)
-    m_abs = iid_stats(np.abs(m_direct))
-    assert abs(m["mean"]) < 3 * m["err"]
-    assert abs(m_abs["mean"] - abs_m) < 3 * m_abs["err"]
+    m = Stats.iid(m_direct)
+    m_abs = Stats.iid(np.abs(m_direct))
+    assert abs(m.mean) < 3 * m.error
+    assert abs(m_abs.mean - abs_m) < 3 * m_abs.error
 
     chains = MetropolisSampler(
         hamiltonian=hamiltonian,
@@ -83,24 +84,24 @@ def test_chains_started_all_up_miss_the_second_mode():
     batch = chains.sample(model, 8 * 64)
     m_chains = (2.0 * batch.x.double() - 1.0).mean(dim=1).numpy().reshape(8, -1)
     per_chain = m_chains.mean(axis=1)
-    print(f"P(Σσᶻ>0)={p_positive:.3f} ⟨|m|⟩={abs_m:.4f} direct ⟨m⟩={m['mean']:.4f}±{m['err']:.4f}")
-    print(f"⟨|m|⟩={m_abs['mean']:.4f}±{m_abs['err']:.4f} chains: {np.round(per_chain, 3)}")
+    print(f"P(Σσᶻ>0)={p_positive:.3f} ⟨|m|⟩={abs_m:.4f} direct ⟨m⟩={m.mean:.4f}±{m.error:.4f}")
+    print(f"⟨|m|⟩={m_abs.mean:.4f}±{m_abs.error:.4f} chains: {np.round(per_chain, 3)}")
     print(f"acceptance {batch.info['acceptance']:.3f}")
     assert bool(np.all(np.abs(per_chain) >= 0.8 * abs_m))
-    pooled = chain_stats(m_chains)
-    pooled_abs = chain_stats(np.abs(m_chains))
+    pooled = Stats.markov(m_chains)
+    pooled_abs = Stats.markov(np.abs(m_chains))
     verdict = sampling_verdict(
         {
-            "magnetization": m["mean"],
-            "magnetization_err": m["err"],
-            "abs_magnetization": m_abs["mean"],
-            "abs_magnetization_err": m_abs["err"],
+            "magnetization": m.mean,
+            "magnetization_err": m.error,
+            "abs_magnetization": m_abs.mean,
+            "abs_magnetization_err": m_abs.error,
         },
         {
-            "magnetization": pooled["mean"],
-            "magnetization_err": pooled["err"],
-            "abs_magnetization": pooled_abs["mean"],
-            "abs_magnetization_err": pooled_abs["err"],
+            "magnetization": pooled.mean,
+            "magnetization_err": pooled.error,
+            "abs_magnetization": pooled_abs.mean,
+            "abs_magnetization_err": pooled_abs.error,
         },
         list(m_chains),
     )

@@ -14,8 +14,9 @@ from naqs_cli.exact import basis_index, enumerate_basis
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models.dense import DenseNAQS
-from naqs_cli.observables import integrated_time
+from naqs_cli.samplers import cat_samples
 from naqs_cli.samplers.metropolis import MetropolisSampler
+from naqs_cli.stats import integrated_time
 
 #: p-value threshold of the statistical tests (STYLE.md).
 P_MIN = 1e-3
@@ -93,7 +94,8 @@ def test_chains_sample_born_probabilities(tfim_3x3):
     batch = pilot.sample(model, 512 * 32)
     log_p = (2.0 * batch.log_psi.real).numpy()
     m = (2.0 * batch.x.double() - 1.0).mean(dim=1).numpy()
-    tau = max(integrated_time(log_p, 512), integrated_time(m, 512))  # in sweeps
+    chains = (log_p.reshape(512, -1), m.reshape(512, -1))
+    tau = max(integrated_time(c) for c in chains)  # in sweeps
     k = max(1, math.ceil(5 * tau))
     assert 0.5 <= tau < 5, tau
 
@@ -102,7 +104,7 @@ def test_chains_sample_born_probabilities(tfim_3x3):
     )
     batch = sampler.sample(model, 2**15)
     assert batch.n_samples == 2**15 and batch.n_chains == 2048
-    thinned_tau = integrated_time((2.0 * batch.log_psi.real).numpy(), 2048)
+    thinned_tau = integrated_time((2.0 * batch.log_psi.real).numpy().reshape(2048, -1))
     assert thinned_tau < 0.75, thinned_tau  # nearly independent kept samples
     counts = np.bincount(basis_index(batch.x).numpy(), minlength=2**9)
     g, p_value, dof = g_test(counts, probabilities.numpy())
@@ -224,6 +226,27 @@ def test_samples_are_chain_major_and_rounded_up(tfim_3x3):
         torch.testing.assert_close(batch.log_psi, model.log_psi(batch.x))
     # The last sample of each chain is where the chain now stands.
     assert torch.equal(batch.x.view(16, 7, 9)[:, -1], sampler.x)
+
+
+def test_chunked_draws_concatenate_to_the_unchunked_chains(tfim_3x3):
+    """Drawing 3 + 5 + 2 samples per chain in three calls and joining them with `cat_samples`
+    gives the chains of one 10-sample call (same seed): chain-major over all chunks."""
+    hamiltonian, model, _ = tfim_3x3
+
+    def sampler() -> MetropolisSampler:
+        return MetropolisSampler(
+            hamiltonian=hamiltonian, n_chains=8, sweeps_between_samples=1, burn_in=2, seed=5
+        )
+
+    whole = sampler().sample(model, 80)
+    chunked = sampler()
+    parts = [chunked.sample(model, 8 * m) for m in (3, 5, 2)]
+    merged = cat_samples(parts)
+    assert merged.n_chains == 8
+    assert torch.equal(merged.x, whole.x)
+    torch.testing.assert_close(merged.log_psi, whole.log_psi, rtol=1e-12, atol=1e-12)
+    assert merged.info["acceptance"] == pytest.approx(whole.info["acceptance"], rel=1e-12)
+    assert not torch.equal(torch.cat([p.x for p in parts]), whole.x)
 
 
 def test_polarized_start_with_exchange_moves_is_refused():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
+from naqs_cli import vmc
 from naqs_cli.exact import enumerate_basis
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
@@ -16,7 +18,7 @@ from naqs_cli.models.symmetry import SymmetrizedWaveFunction
 from naqs_cli.samplers import Samples
 from naqs_cli.samplers.direct import DirectSampler
 from naqs_cli.samplers.fullsum import FullSumSampler
-from naqs_cli.vmc import local_energy, vmc_gradient
+from naqs_cli.vmc import backward_chunk, local_energy, train_step, vmc_gradient
 
 
 def _randomize(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -127,3 +129,45 @@ def test_direct_gradient_is_unbiased_up_to_batch_factor(symmetry):
     assert z_right.max() < 4.5, z_right.max()
     # and the test can tell the factor apart: the unscaled gradient is far off overall
     assert (z_wrong**2).mean() > 2 * (z_right**2).mean()
+
+
+def test_train_step_uses_the_given_chunk_size(monkeypatch):
+    """An 8-sample chunk reaches the local energies and gives the gradient of one big chunk."""
+    lattice = SquareLattice(3, 3)
+    hamiltonian = TransverseFieldIsing(lattice=lattice, J=1.0, gamma=1.5)
+    model = _models(lattice)["pixelcnn"]
+    batch = DirectSampler(seed=5).sample(model, 16)
+    chunks: list[int] = []
+
+    def spy(*args, chunk_size: int, **kwargs):
+        chunks.append(chunk_size)
+        return local_energy(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(vmc, "local_energy", spy)
+    steps = {}
+    for chunk_size in (8, 4096):
+        copy_ = copy.deepcopy(model)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in copy_.parameters()])
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=1.0)
+        result = train_step(copy_, hamiltonian, batch, optimizer, chunk_size=chunk_size)
+        assert result.is_finite
+        after = torch.cat([p.detach().reshape(-1) for p in copy_.parameters()])
+        steps[chunk_size] = before - after  # the gradient (SGD, lr = 1)
+    assert chunks == [8, 4096]
+    assert float(steps[4096].abs().max()) > 1e-3
+    torch.testing.assert_close(steps[8], steps[4096], rtol=0.0, atol=1e-12)
+
+
+def test_backward_chunk_of_a_symmetrized_model_is_smaller_by_the_group_size():
+    """Each sample of Ψ_G runs the network on |G| images: |G| times fewer samples fit."""
+    lattice = SquareLattice(4, 4)
+    base = PixelCNN(lattice=lattice, layers=2, channels=4).double()
+    model = SymmetrizedWaveFunction(base, symmetry="lattice_spin_flip")
+    assert model.group_size == 16
+    large = 10**9
+    base_chunk = backward_chunk(base, large)
+    assert base_chunk < large
+    assert backward_chunk(model, large) == base_chunk // model.group_size
+    assert backward_chunk(model, 7) == 7
+    dense = SymmetrizedWaveFunction(DenseNAQS(lattice=lattice, hidden=4), symmetry="spin_flip")
+    assert backward_chunk(dense, large) == large  # no memory estimate: no bound
