@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import TINY_TRAIN, compose, run_cli
+from test_train_features import checkpoint_model, exact_values
 
 from naqs_cli import build, tasks
 from naqs_cli.build import ConfigError
@@ -34,6 +37,24 @@ SAMPLING_KEYS = (
 TRAINING_KEYS = ("wall_time", "step", "energy", "energy_err", "energy_variance", "relative_error")
 #: Threads for CLI subprocesses (OpenMP spin-waiting is slow on shared CPUs).
 CLI_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: Agreement threshold of a sampled mean with its exact value, in reported standard errors
+#: (fixed seeds; a correct sampler exceeds it with probability 6e-5 per observable).
+N_SIGMA = 4.0
+
+
+def assert_direct_matches_exact(direct: h5py.Group, exact: dict[str, float], keys) -> None:
+    """Check the direct-sampling means of `keys` against exact expectations of the same state.
+
+    Each mean lies within N_SIGMA reported errors of its exact value, and the reported energy
+    error is the i.i.d. standard error sqrt(Var/n) of the exact variance (within 30 %), so an
+    inflated error bar cannot hide a biased mean.
+    """
+    for key in keys:
+        mean, err = float(direct[key][()]), float(direct[f"{key}_err"][()])
+        assert abs(mean - exact[key]) <= N_SIGMA * err + 1e-12, (key, mean, err, exact[key])
+    n_samples = int(direct["n_samples"][()])
+    sigma = math.sqrt(exact["energy_variance"] / n_samples)
+    assert 0.7 * sigma < float(direct["energy_err"][()]) < 1.3 * sigma
 
 
 def test_chains_started_all_up_miss_the_second_mode():
@@ -153,7 +174,7 @@ def test_compare_sampling_cli(smoke_checkpoint, tmp_path):
         "compare",
         "sampling",
         str(smoke_checkpoint),
-        "n_samples=512",
+        "n_samples=2048",
         "n_chains=3",
         "samples_per_chain=16",
         "burn_in=2",
@@ -167,12 +188,18 @@ def test_compare_sampling_cli(smoke_checkpoint, tmp_path):
         for group in ("direct", "mcmc", "mcmc/chain_0", "mcmc/chain_1", "mcmc/chain_2"):
             for key in SAMPLING_KEYS:
                 assert np.isfinite(f[group][key][()]), (group, key)
-        assert f["direct/pca"].shape == (512, 2)
+        assert f["direct/pca"].shape == (2048, 2)
         assert f["mcmc/chain_2/pca"].shape == (16, 2)
         assert "magnetization_r_hat" in f["mcmc"] and "acceptance" in f["mcmc"]
-        assert "model_exact" in f  # 9 sites: enumerated
         for attr in ("config", "naqs_version", "checkpoint", "verdict"):
             assert attr in f.attrs
+        # 9 sites: the state is enumerated; the test enumerates it too, independently.
+        exact = exact_values(*checkpoint_model(smoke_checkpoint))
+        for key, value in f["model_exact"].items():
+            assert value[()] == pytest.approx(exact[key], rel=1e-5, abs=1e-6), key
+        assert_direct_matches_exact(
+            f["direct"], exact, ("energy", "magnetization", "abs_magnetization")
+        )
 
 
 def test_compare_training_cli(tmp_path):
@@ -203,3 +230,49 @@ def test_compare_training_cli(tmp_path):
         assert "acceptance" in f["mcmc_k1"] and f["mcmc_k2"].attrs["k"] == 2
         assert f.attrs["reference_source"].startswith("exact")
         np.testing.assert_allclose(f.attrs["reference_energy"], -3.11935543, atol=1e-7)
+
+
+def test_compare_sampling_heisenberg(tmp_path):
+    """`compare sampling` on a Σσᶻ = 0 Heisenberg state (2×4, trained a few exact steps): the
+    chains move by bond exchanges from a Néel state, every sample stays in the sector, and
+    both methods agree with the enumerated expectations of the same state."""
+    run = tmp_path / "train"
+    train_overrides = [
+        *TINY_TRAIN,
+        "lattice.Lx=4",
+        "ham=heisenberg",
+        "model.total_sz=0",
+        "sampler=fullsum",
+        "train.steps=10",
+        "optim.lr=0.05",
+        "train.final_samples=0",
+    ]
+    tasks.train(compose("train", train_overrides), run)
+    checkpoint = run / "checkpoints" / "last.pt"
+    out = tmp_path / "sampling"
+    overrides = [
+        f"checkpoint={checkpoint}",
+        "n_samples=4096",
+        "n_chains=4",
+        "samples_per_chain=64",
+        "burn_in=5",
+    ]
+    result = tasks.compare_sampling(compose("compare_sampling", overrides), out)
+    assert "verdict:" in result.summary
+    assert (out / "compare_sampling.png").stat().st_size > 10_000
+    exact = exact_values(*checkpoint_model(checkpoint))
+    assert exact["energy_variance"] > 1e-4  # not an eigenstate: the sampled energy fluctuates
+    keys = (*SAMPLING_KEYS, "staggered_magnetization", "staggered_magnetization_err")
+    chains = [f"mcmc/chain_{k}" for k in range(4)]
+    with h5py.File(out / "compare_sampling.h5", "r") as f:
+        assert "Néel" in f["mcmc"].attrs["start"]
+        for group in ("direct", "mcmc", *chains):
+            for key in keys:
+                assert np.isfinite(f[group][key][()]), (group, key)
+        for group in ("direct", *chains):
+            assert (f[group]["samples_magnetization"][()] == 0).all(), group  # Σσᶻ = 0
+        for key, value in f["model_exact"].items():
+            assert value[()] == pytest.approx(exact[key], abs=1e-10), key
+        assert_direct_matches_exact(f["direct"], exact, ("energy", "staggered_magnetization"))
+        mcmc = f["mcmc"]  # τ-corrected errors
+        assert abs(mcmc["energy"][()] - exact["energy"]) <= N_SIGMA * mcmc["energy_err"][()]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from naqs_cli.exact import basis_index, enumerate_basis
+from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models import (
     SYMMETRIES,
@@ -17,8 +18,11 @@ from naqs_cli.models import (
     SymmetrizedWaveFunction,
     symmetry_group,
 )
+from naqs_cli.models.base import SAMPLING_METHODS
 from naqs_cli.models.constraints import MASK_LOG_MAGNITUDE
 from naqs_cli.models.pixelcnn import residual_sources
+from naqs_cli.samplers import Samples
+from naqs_cli.vmc import local_energy
 
 CHUNK = 8192
 
@@ -196,18 +200,43 @@ SAMPLING_CASES = [
 ]
 
 
+def assert_decisions_follow_the_conditionals(
+    model: torch.nn.Module, x: torch.Tensor, uniforms: torch.Tensor
+) -> None:
+    """Check x_i = [u_i < |ψ_i(up | x_<i)|²] with ψ_i from one full forward pass on the samples.
+
+    An independent statement of ancestral sampling: it does not use `sample_site` or either
+    sampling loop, only `conditionals` (the network run once on the finished configurations).
+    """
+    with torch.no_grad():
+        p_up = torch.exp(2 * model.conditionals(x).real[..., 1])
+    decided = (uniforms - p_up).abs() > 1e-9  # leave out float ties at the threshold
+    assert decided.float().mean() > 0.99
+    assert torch.equal(x.bool()[decided], (uniforms < p_up)[decided])
+
+
 @pytest.mark.parametrize("kind, shape, kwargs", SAMPLING_CASES)
 def test_sampling_paths_agree(kind, shape, kwargs):
+    """Both sampling paths draw from the forward pass's conditionals with the same uniforms.
+
+    `sample` draws all uniforms up front (one `torch.rand` of shape (B, N) in float64), so the
+    same seed gives the test the uniforms each path used. For the dense model "cached" is the
+    reference loop itself; the check against `conditionals` is what tests its sampling.
+    """
     lattice = SquareLattice(*shape)
     kwargs = {"channels": 8, **kwargs} if kind == "pixelcnn" else kwargs
     model = make_model(kind, lattice, **kwargs)
+    uniforms = torch.rand(
+        256, lattice.n_sites, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    )
     samples = {}
-    for method in ("cached", "reference"):
+    for method in SAMPLING_METHODS:
         generator = torch.Generator().manual_seed(7)
         x, log_psi = model.sample(256, generator, method=method)
         assert x.dtype == torch.int8 and x.shape == (256, lattice.n_sites)
         assert log_psi.dtype == torch.complex128 and not log_psi.requires_grad
         torch.testing.assert_close(log_psi, log_psi_all(model, x), rtol=0, atol=1e-10)
+        assert_decisions_follow_the_conditionals(model, x, uniforms)
         samples[method] = x
     assert torch.equal(samples["cached"], samples["reference"])
     assert 0 < samples["cached"].float().mean() < 1
@@ -284,16 +313,51 @@ def test_init_is_near_uniform(kind, kwargs):
     assert cond.imag.abs().max() < 0.1
 
 
+def _log_amplitudes_on_every_path(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ln Ψ (or a quantity built from it) from every code path that computes it."""
+    n_sites = model.n_sites
+    x = random_configurations(32, n_sites)
+    changed = x.clone()
+    changed[:, 4:] = 1 - changed[:, 4:]  # x' = x before site 4: a partial pass in the PixelCNN
+    cache = model.ratio_cache(x)
+    hamiltonians = {
+        "tfim": TransverseFieldIsing(lattice=model.lattice, J=1.0, gamma=1.5),
+        "heisenberg": Heisenberg(lattice=model.lattice, J=1.0, sign_rule="true"),
+    }
+    with torch.no_grad():
+        paths = {
+            "log_psi": model.log_psi(x),
+            "conditionals": model.conditionals(x),
+            "ratio_cache": cache.log_psi,
+            "log_psi_ratios": model.log_psi_ratios(cache, torch.arange(32), changed),
+            "symmetrized": SymmetrizedWaveFunction(model, symmetry="lattice_spin_flip").log_psi(x),
+        }
+    for method in SAMPLING_METHODS:
+        _, paths[f"sample ({method})"] = model.sample(
+            64, torch.Generator().manual_seed(0), method=method
+        )
+    for name, hamiltonian in hamiltonians.items():
+        batch = Samples(x=x, log_psi=paths["log_psi"])
+        paths[f"local energy ({name})"] = local_energy(model, hamiltonian, batch).total
+    return paths
+
+
 @pytest.mark.parametrize("kind", ["pixelcnn", "dense"])
-def test_without_phase_amplitudes_are_real_positive(kind):
+def test_without_phase_log_psi_is_exactly_real_on_every_path(kind):
+    """phase=false: Im ln Ψ is exactly 0 wherever it is computed (and so are local energies of a
+    real Hamiltonian); the same paths of a phased model do carry an imaginary part."""
     lattice = SquareLattice(3, 3)
-    model = make_model(kind, lattice, phase=False)
-    x = random_configurations(32, lattice.n_sites)
-    assert not model.has_phase
-    assert (model.log_psi(x).imag == 0).all()
-    assert (model.sample(16, torch.Generator().manual_seed(0))[1].imag == 0).all()
+    real_model = make_model(kind, lattice, phase=False)
+    assert not real_model.has_phase
+    for name, value in _log_amplitudes_on_every_path(real_model).items():
+        assert value.is_complex() and (value.imag == 0).all(), name
+        assert (value.real != 0).any(), name
+    probabilities = torch.exp(2 * log_psi_all(real_model, enumerate_basis(lattice.n_sites)).real)
+    assert (probabilities > 0).all()
     phased = make_model(kind, lattice, phase=True)
-    assert phased.has_phase and (phased.log_psi(x).imag != 0).any()
+    assert phased.has_phase
+    for name, value in _log_amplitudes_on_every_path(phased).items():
+        assert (value.imag.abs() > 1e-6).any(), name
 
 
 @pytest.mark.parametrize("kind", ["pixelcnn", "dense"])
