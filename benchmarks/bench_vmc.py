@@ -14,7 +14,7 @@ with the Marshall sign rule and a fixed Σσᶻ/2 = 0, or 1/2 when N is odd). Pe
 * local energy: `vmc.local_energy(model, hamiltonian, batch, chunk_size=1024)`, as connected
   configurations evaluated per second and as its time over one forward pass of the same
   configurations;
-* one VMC step as the trainer runs it: sampling B configurations, then `vmc.train_step` with
+* one VMC step as the trainer runs it: sampling B configurations, then `optim.train_step` with
   Adam (lr 1e-3) and chunk_size=1024 (its local energy is timed inside the step);
 * peak resident memory of each phase (Linux: VmHWM of /proc/self/status, reset per phase).
 
@@ -45,7 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from bench_models import MODELS, machine_meta, meta_line, n_parameters  # noqa: E402
 
-from naqs_cli import vmc  # noqa: E402
+from naqs_cli import optim, vmc  # noqa: E402
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing  # noqa: E402
 from naqs_cli.lattice import SquareLattice  # noqa: E402
 from naqs_cli.models import PixelCNN  # noqa: E402
@@ -200,7 +200,7 @@ def n_connected(hamiltonian, x: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def timed_local_energy(record: dict) -> Iterator[None]:
-    """Time `vmc.local_energy` (and its peak memory) when `vmc.train_step` calls it.
+    """Time `vmc.local_energy` (and its peak memory) when `optim.train_step` calls it.
 
     The peak RSS is restarted when local_energy returns, so a `peak_bytes` read after the step
     covers the gradient and update only.
@@ -222,7 +222,7 @@ def timed_local_energy(record: dict) -> Iterator[None]:
     finally:
         vmc.local_energy = original
     if "local_energy_seconds" not in record:
-        raise RuntimeError("vmc.train_step no longer calls vmc.local_energy: fix bench_vmc.py")
+        raise RuntimeError("optim.train_step no longer calls vmc.local_energy: fix bench_vmc.py")
 
 
 class SamplePool:
@@ -287,7 +287,7 @@ def bench_case(
         record = {"n_connected": n_connected(hamiltonian, samples.x)}
         with timed_local_energy(record):
             start = time.perf_counter()
-            result = vmc.train_step(model, hamiltonian, samples, optimizer, chunk_size=CHUNK_SIZE)
+            result = optim.train_step(model, hamiltonian, samples, optimizer, chunk_size=CHUNK_SIZE)
             record["seconds"] = time.perf_counter() - start
         if not result.is_finite:
             raise RuntimeError(f"{name} {ham_name} L={side}: non-finite VMC step")
@@ -383,7 +383,7 @@ def largest_reference_chunk(model: PixelCNN, x: torch.Tensor, batch: int) -> int
 
 
 def _gradient_pass(model: PixelCNN, samples: Samples, chunk_size: int, optimizer) -> dict:
-    """The part of `vmc.train_step` after the local energies: Eq. 4 gradient and Adam update.
+    """The part of `optim.train_step` after the local energies: Eq. 4 gradient and Adam update.
 
     The local energies are random numbers: time and memory do not depend on their values.
     """

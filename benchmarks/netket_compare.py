@@ -359,7 +359,7 @@ def markdown(cases: list[dict], meta: dict) -> str:
         "What is timed. Sampling: naqs `model.sample(batch, generator)`; NetKet"
         " `MCState.sample()` with `ARDirectSampler`. log_psi: naqs `model.log_psi(x)` under"
         " `torch.no_grad()`; NetKet jitted `model.apply(variables, x)`. VMC step: naqs"
-        " `DirectSampler.sample(model)` + `vmc.train_step(..., chunk_size=1024)`; NetKet"
+        " `DirectSampler.sample(model)` + `optim.train_step(..., chunk_size=1024)`; NetKet"
         f" `nk.VMC(...).run(1)` with `nk.operator.IsingJax` and `MCState(chunk_size="
         f"{meta['netket_chunk_size']})` (chunking cuts its peak memory from about 5 GB at L = 10"
         f" and was not slower), both with plain SGD (lr {meta['learning_rate']}); NetKet's JIT"

@@ -12,7 +12,7 @@ Timings exclude a warm-up call:
 * sample_s: `model.sample(batch, generator)` (the cached sampler).
 * log_psi_s: `model.log_psi(x)` under `torch.no_grad()` on `batch` configurations.
 * vmc_step_s: one training step as `naqs train` runs it, `DirectSampler.sample(model)` then
-  `vmc.train_step(model, hamiltonian, batch, optimizer, chunk_size=1024)` with SGD on the
+  `optim.train_step(model, hamiltonian, batch, optimizer, chunk_size=1024)` with SGD on the
   TFIM H = −J Σ σᶻσᶻ − Γ Σ σˣ.
 """
 
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     from naqs_cli.hamiltonians import TransverseFieldIsing
     from naqs_cli.lattice import SquareLattice
     from naqs_cli.models import PixelCNN
+    from naqs_cli.optim import train_step
     from naqs_cli.samplers.direct import DirectSampler
-    from naqs_cli.vmc import train_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

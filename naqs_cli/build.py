@@ -1,12 +1,14 @@
-"""The one place that wires configs to objects, and `validate(cfg)`: every cross-key rule.
+"""The one place that turns a composed config into objects.
 
-Each rule raises `ConfigError` with one line naming the key, the bad value and what is
-allowed. `cli.py` runs `validate` before any work or output; tasks run it again (cheap).
+`build_training(cfg)` returns a `TrainingSetup` (runtime, lattice, Hamiltonian, variational
+state, update rule, typed train settings); everything below the task layer works with it and
+never reads the config again. The config must have passed `validation.validate` first.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,69 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from naqs_cli import distributed
 from naqs_cli.errors import ConfigError
 from naqs_cli.lattice import SquareLattice
-from naqs_cli.limits import ED_MAX_SITES, FULLSUM_MAX_SITES
-
-SYMMETRIES = ("none", "spin_flip", "lattice", "lattice_spin_flip")
-SIGN_RULES = ("auto", "true", "false")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float64")
-SCHEDULES = ("constant", "cosine", "step")
-EXACT_METHODS = ("auto", "ed", "free_fermion")
-EXACT_REFERENCE_MODES = ("auto", "never")
-MCMC_INITS = ("random", "up", "down")
-MCMC_MOVES = ("auto", "flip", "exchange")
-SAMPLER_KINDS = ("direct", "fullsum", "mcmc")
-DIRECT_METHODS = ("cached", "reference")
-#: What `naqs evaluate` may change of the stored config (DESIGN.md), for messages.
-EVALUATE_OVERRIDABLE = "n_samples, sampler, model.symmetry, device, dtype, seed, chunk_size"
-#: Top-level keys of `naqs evaluate` (DESIGN.md: all else comes from the checkpoint).
-EVALUATE_KEYS = (
-    "checkpoint",
-    "n_samples",
-    "sampler",
-    "model",
-    "seed",
-    "device",
-    "dtype",
-    "chunk_size",
-)
-#: Largest `seed` (samplers add 1000·rank and small offsets; torch takes < 2^63).
-MAX_SEED = 2**62
-
-
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={_show(value)}: {allowed}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    return str(value)
-
-
-def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        _fail(key, value, "allowed: " + " | ".join(options))
-
-
-def _int_at_least(key: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        _fail(key, value, f"must be an integer >= {low}")
-
-
-def _finite(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-
-
-def _positive(key: str, value: Any) -> None:
-    _finite(key, value)
-    if value <= 0:
-        _fail(key, value, "must be > 0")
+from naqs_cli.models import unwrap  # noqa: F401  (re-exported)
+from naqs_cli.optim import UpdateRule, first_order_rule
+from naqs_cli.reference import LiteratureReference
+from naqs_cli.state import VariationalState
+from naqs_cli.train.schedule import Schedule, make_stages
 
 
 def target_kind(node: Any) -> str:
@@ -95,12 +39,6 @@ def target_kind(node: Any) -> str:
         "Adam": "adam",
         "SGD": "sgd",
     }.get(target, target.lower())
-
-
-def normalize_sign_rule(value: Any) -> str:
-    """Map bools and their spellings to 'auto' | 'true' | 'false'."""
-    text = str(value).strip().lower()
-    return {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(text, text)
 
 
 # --- builders -----------------------------------------------------------------------------
@@ -136,9 +74,7 @@ def build_hamiltonian(cfg: DictConfig, lattice: SquareLattice):
     if kind == "tfim":
         return TransverseFieldIsing(lattice=lattice, J=float(cfg.ham.J), gamma=float(cfg.ham.gamma))
     if kind == "heisenberg":
-        return Heisenberg(
-            lattice=lattice, J=float(cfg.ham.J), sign_rule=normalize_sign_rule(cfg.ham.sign_rule)
-        )
+        return Heisenberg(lattice=lattice, J=float(cfg.ham.J), sign_rule=str(cfg.ham.sign_rule))
     raise ConfigError(f"ham._target_={cfg.ham._target_}: unknown Hamiltonian")
 
 
@@ -166,11 +102,6 @@ def build_model(
     if symmetry != "none":
         model = SymmetrizedWaveFunction(model, symmetry=symmetry)
     return model.to(device=device, dtype=dtype)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the autoregressive network inside a symmetrized wrapper (or the model itself)."""
-    return getattr(model, "base", model)
 
 
 def build_sampler(
@@ -206,411 +137,285 @@ def build_sampler(
     return cls(**kwargs, **extra)
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Return the optimizer of `cfg.optim` over the model's parameters."""
+# --- the config turned into objects, once ---------------------------------------------------
+# Everything below the task layer (`tasks.py`) works with these objects; none of it reads the
+# config again.
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes.
+
+    Attributes:
+        seed: the run's seed (`seed`).
+        device: the torch device (`device`, resolved; GPU LOCAL_RANK under torchrun).
+        dtype: the network's dtype (`dtype`).
+        rank: this process's rank (0 without torchrun).
+        world_size: number of ranks.
+    """
+
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The `train` section (and `optim.lr`, for messages), typed.
+
+    Attributes:
+        schedule: stages and learning-rate schedule (`train.stages`/`steps`, `optim.schedule`).
+        chunk_size: samples per network pass and per backward pass.
+        log_every: steps between history flushes and log lines.
+        checkpoint_every: steps between checkpoints.
+        final_samples: samples of the final evaluation (0: none).
+        final_symmetry: symmetrize the final evaluation (None: as trained).
+        init_from: a checkpoint whose weights start the run.
+        best_smoothing: energies averaged to select best.pt.
+        max_nonfinite: non-finite steps in a row before a rollback.
+        max_rollbacks: rollbacks without progress before giving up.
+        time_budget: seconds of training (None: no limit but the steps).
+        exact_reference: auto | never (the exact energy at the end).
+        lr: `optim.lr` as configured.
+        allow_unverified_checkpoint: accept `init_from` without a checksum.
+    """
+
+    schedule: Schedule
+    chunk_size: int = 1024
+    log_every: int = 10
+    checkpoint_every: int = 100
+    final_samples: int = 8192
+    final_symmetry: str | None = None
+    init_from: str | None = None
+    best_smoothing: int = 20
+    max_nonfinite: int = 5
+    max_rollbacks: int = 3
+    time_budget: float | None = None
+    exact_reference: str = "auto"
+    lr: float = 1e-2
+    allow_unverified_checkpoint: bool = False
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a training run needs, built from one validated config.
+
+    Attributes:
+        config: the resolved config as plain containers (stored in checkpoints).
+        config_yaml: the same as YAML (stored in HDF5 attributes).
+        runtime: seed, device, dtype, rank, world size.
+        lattice, hamiltonian: the problem.
+        state: the variational state (model, this rank's sampler, Hamiltonian).
+        rule: the update rule of `optim`.
+        settings: the `train` section.
+        literature: the `reference` section (a published energy), or None.
+        model_kind, sampler_kind: option names, for summaries.
+        new_sampler: builds this rank's sampler with another seed (resume on other ranks).
+        new_model: builds the model with another symmetry (`train.final_symmetry`).
+    """
+
+    config: dict
+    config_yaml: str
+    runtime: Runtime
+    lattice: SquareLattice
+    hamiltonian: Any
+    state: VariationalState
+    rule: UpdateRule
+    settings: TrainSettings
+    literature: LiteratureReference | None
+    model_kind: str
+    sampler_kind: str
+    new_sampler: Callable[[int], Any]
+    new_model: Callable[[str], torch.nn.Module]
+
+    def final_sampler(self):
+        """Return this rank's sampler for the final evaluation.
+
+        Full sums stay full sums; every other sampler is replaced by exact direct sampling
+        with its own stream (seed + 7919 + 1000·rank), so the final numbers are i.i.d.
+        """
+        from naqs_cli.samplers.direct import DirectSampler
+        from naqs_cli.samplers.fullsum import FullSumSampler
+
+        runtime = self.runtime
+        if self.sampler_kind == "fullsum":
+            return FullSumSampler(
+                hamiltonian=self.hamiltonian,
+                device=runtime.device,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+            )
+        return DirectSampler(seed=runtime.seed + 7919 + 1000 * runtime.rank, device=runtime.device)
+
+    def run_attrs(self) -> dict[str, Any]:
+        """Return the root attributes every HDF5 output of this run carries."""
+        return run_attrs(self.config_yaml, self.runtime.seed, self.runtime.device)
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    import naqs_cli
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(naqs_cli.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_attrs(config_yaml: str, seed: int, device: torch.device) -> dict[str, Any]:
+    """Return the root attributes of an HDF5 output (config, seed, versions, device, time)."""
+    import datetime
+
+    import naqs_cli
+
+    return {
+        "naqs_version": naqs_cli.__version__,
+        "config": config_yaml,
+        "seed": int(seed),
+        "torch_version": str(torch.__version__),
+        "device": str(device),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+
+
+def build_runtime(cfg: DictConfig) -> Runtime:
+    """Return the runtime of a config (device and dtype resolved, this process's rank)."""
+    return Runtime(
+        seed=int(cfg.get("seed", 0)),
+        device=resolve_device(cfg.device),
+        dtype=resolve_dtype(cfg.dtype),
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+
+
+def build_update_rule(cfg: DictConfig, model: torch.nn.Module) -> UpdateRule:
+    """Return the update rule of `cfg.optim` over the model's parameters."""
     kind = target_kind(cfg.optim)
-    params = [p for p in model.parameters() if p.requires_grad]
+    grad_clip = None if cfg.optim.grad_clip is None else float(cfg.optim.grad_clip)
     if kind == "adam":
-        return torch.optim.Adam(params, lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas))
+        return first_order_rule(
+            "adam", model, float(cfg.optim.lr), betas=tuple(cfg.optim.betas), grad_clip=grad_clip
+        )
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=float(cfg.optim.lr), momentum=float(cfg.optim.momentum))
+        return first_order_rule(
+            "sgd",
+            model,
+            float(cfg.optim.lr),
+            momentum=float(cfg.optim.momentum),
+            grad_clip=grad_clip,
+        )
     raise ConfigError(f"optim._target_={cfg.optim._target_}: allowed: adam | sgd")
 
 
-# --- validation ---------------------------------------------------------------------------
-def validate(cfg: DictConfig, task: str) -> None:
-    """Check every key and cross-key rule of a composed config for `task`.
-
-    Raises:
-        ConfigError: the first violation, as one line naming key, value and what is allowed.
-    """
-    if task in ("train", "compare_training", "exact"):
-        lattice = _validate_lattice(cfg)
-        ham_kind = _validate_ham(cfg, lattice)
-    if task in ("train", "compare_training"):
-        _validate_model(cfg, lattice, ham_kind)
-        _validate_sampler(cfg, lattice, ham_kind)
-        _validate_optim(cfg)
-        _validate_train(cfg)
-        _validate_runtime(cfg)
-        if cfg.resume is not None:
-            validate_path("resume", cfg.resume)
-    if task == "exact":
-        _validate_exact(cfg, lattice, ham_kind)
-    if task in ("evaluate", "compare_sampling"):
-        validate_path("checkpoint", cfg.checkpoint)
-        _int_at_least("n_samples", cfg.n_samples, 1)
-        _validate_runtime(cfg, allow_null=True)
-    if task == "evaluate":
-        extra = [k for k in cfg if k not in EVALUATE_KEYS]
-        extra += [f"model.{k}" for k in cfg.model if k != "symmetry"]
-        if extra:
-            raise ConfigError(
-                f"{extra[0]}: evaluate uses the checkpoint's config and may change only"
-                f" {EVALUATE_OVERRIDABLE}"
-            )
-        _int_at_least("chunk_size", cfg.chunk_size, 1)
-        if cfg.get("sampler") is not None:
-            _choice("sampler", target_kind(cfg.sampler), SAMPLER_KINDS)
-        if cfg.model.symmetry is not None:
-            _choice("model.symmetry", cfg.model.symmetry, SYMMETRIES)
-    if task == "compare_sampling":
-        _int_at_least("n_chains", cfg.n_chains, 1)
-        _int_at_least("samples_per_chain", cfg.samples_per_chain, 2)
-        _int_at_least("sweeps_between_samples", cfg.sweeps_between_samples, 1)
-        _int_at_least("burn_in", cfg.burn_in, 0)
-        _choice("init", cfg.init, MCMC_INITS)
-        if cfg.symmetry is not None:
-            _choice("symmetry", cfg.symmetry, SYMMETRIES)
-        _int_at_least("chunk_size", cfg.chunk_size, 1)
-    if task == "compare_training":
-        ks = list(cfg.compare.ks)
-        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-            _fail("compare.ks", ks, "must be a non-empty list of integers >= 1")
-        _int_at_least("compare.n_chains", cfg.compare.n_chains, 1)
-        _int_at_least("compare.burn_in", cfg.compare.burn_in, 0)
-        _choice("compare.init", cfg.compare.init, MCMC_INITS)
-        _positive("compare.wall_time", cfg.compare.wall_time)
-        if cfg.compare.max_steps is not None:
-            _int_at_least("compare.max_steps", cfg.compare.max_steps, 1)
-        if target_kind(cfg.sampler) != "direct":
-            _fail(
-                "sampler",
-                target_kind(cfg.sampler),
-                "compare training runs direct sampling itself and builds its MCMC runs from"
-                " compare.*; use sampler=direct (sampler.n_samples sets the batch of every run)",
-            )
-        if ham_kind == "heisenberg" and cfg.compare.init in ("up", "down"):
-            _fail(
-                "compare.init",
-                cfg.compare.init,
-                "the MCMC runs use exchange moves (H conserves Σσᶻ), which cannot leave a fully"
-                " polarized state; use compare.init=random",
-            )
-        if ham_kind == "tfim" and float(cfg.ham.gamma) == 0 and cfg.compare.init != "random":
-            _fail(
-                "compare.init",
-                cfg.compare.init,
-                "at ham.gamma=0 the TFIM conserves Σσᶻ and the MCMC runs use exchange moves,"
-                " which cannot leave a fully polarized state; use compare.init=random",
-            )
-
-
-def validate_path(key: str, value: Any) -> None:
-    """Check that `value` names a checkpoint file or a run directory holding one.
-
-    Raises:
-        ConfigError: naming `key`.
-    """
-    if value is None or str(value).strip() in ("", "???"):
-        _fail(key, value, "give a checkpoint file or run directory")
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        if not (path / "checkpoints" / "last.pt").is_file():
-            _fail(key, value, "this directory holds no checkpoints/last.pt")
-    elif not path.is_file():
-        _fail(key, value, "no such file or directory")
-
-
-def _validate_lattice(cfg: DictConfig) -> SquareLattice:
-    _int_at_least("lattice.Lx", cfg.lattice.Lx, 1)
-    _int_at_least("lattice.Ly", cfg.lattice.Ly, 1)
-    try:
-        return build_lattice(cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _validate_ham(cfg: DictConfig, lattice: SquareLattice) -> str:
-    kind = target_kind(cfg.ham)
-    if kind not in ("tfim", "heisenberg"):
-        _fail("ham._target_", cfg.ham.get("_target_"), "allowed: the tfim and heisenberg options")
-    _finite("ham.J", cfg.ham.J)
-    if kind == "tfim":
-        _finite("ham.gamma", cfg.ham.gamma)
-    else:
-        rule = normalize_sign_rule(cfg.ham.sign_rule)
-        _choice("ham.sign_rule", rule, SIGN_RULES)
-        if rule == "true" and not lattice.is_bipartite:
-            _fail(
-                "ham.sign_rule",
-                "true",
-                f"the Marshall sign rule needs a bipartite lattice; {lattice.describe()} is not"
-                " (use ham.sign_rule=false or auto)",
-            )
-    return kind
-
-
-def _conserves_sz(cfg: DictConfig, ham_kind: str) -> bool:
-    """Return whether the Hamiltonian conserves Σσᶻ (Heisenberg; TFIM only at gamma = 0)."""
-    return ham_kind == "heisenberg" or float(cfg.ham.gamma) == 0.0
-
-
-def _sign_rule_on(cfg: DictConfig, lattice: SquareLattice) -> bool:
-    rule = normalize_sign_rule(cfg.ham.sign_rule)
-    if rule == "auto":
-        return lattice.is_bipartite and float(cfg.ham.J) > 0
-    return rule == "true"
-
-
-def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
-    model = cfg.model
-    kind = target_kind(model)
-    _int_at_least("model.layers", model.layers, 1)
-    if kind == "pixelcnn":
-        _int_at_least("model.channels", model.channels, 2)
-        k = model.kernel_size
-        if not isinstance(k, int) or k < 3 or k % 2 == 0:
-            _fail("model.kernel_size", k, "must be an odd integer >= 3")
-    elif kind == "dense":
-        _int_at_least("model.hidden", model.hidden, 1)
-    _choice("model.symmetry", model.symmetry, SYMMETRIES)
-    n_sites = lattice.n_sites
-    if model.total_sz is not None:
-        _finite("model.total_sz", model.total_sz)
-        if not _conserves_sz(cfg, ham_kind):
-            _fail(
-                "model.total_sz",
-                model.total_sz,
-                f"a fixed Σσᶻ sector needs a Hamiltonian that conserves it (ham=heisenberg, or"
-                f" tfim at gamma=0); ham={ham_kind} does not: use model.total_sz=null",
-            )
-        n_up = n_sites / 2 + float(model.total_sz)
-        if not float(n_up).is_integer() or not 0 <= n_up <= n_sites:
-            _fail(
-                "model.total_sz",
-                model.total_sz,
-                f"Σσᶻ/2 must make N/2 + total_sz an integer in [0, N] (N = {n_sites})",
-            )
-    _validate_symmetry("model.symmetry", model.symmetry, model.total_sz)
-    final_symmetry = cfg.train.get("final_symmetry") if "train" in cfg else None
-    if final_symmetry is not None:
-        _validate_symmetry("train.final_symmetry", final_symmetry, model.total_sz)
-    if not model.phase:
-        _validate_positive_ground_state(cfg, lattice, ham_kind)
-    marshall_matters = (
-        ham_kind == "heisenberg"
-        and not _sign_rule_on(cfg, lattice)
-        and lattice.is_bipartite
-        and float(cfg.ham.J) > 0
+def build_schedule(cfg: DictConfig) -> Schedule:
+    """Return the stages and learning-rate schedule of a train config."""
+    stages = cfg.train.stages
+    raw = None if stages is None else OmegaConf.to_container(stages, resolve=True)
+    return Schedule(
+        stages=make_stages(
+            raw, int(cfg.train.steps), int(cfg.sampler.n_samples), float(cfg.optim.lr)
+        ),
+        kind=str(cfg.optim.schedule),
+        step_every=int(cfg.optim.step_every),
+        step_factor=float(cfg.optim.step_factor),
+        time_budget=None if cfg.train.time_budget is None else float(cfg.train.time_budget),
     )
-    for key, symmetry in (
-        ("model.symmetry", model.symmetry),
-        ("train.final_symmetry", final_symmetry),
-    ):
-        if (
-            marshall_matters
-            and symmetry not in (None, "none")
-            and _marshall_breaking(lattice, symmetry, model.total_sz)
-        ):
-            _fail(
-                key,
-                symmetry,
-                "without the sign rule the target state changes sign under some symmetry"
-                " operation, which the symmetrized phase cannot represent; use"
-                " ham.sign_rule=true or none",
-            )
 
 
-def _validate_symmetry(key: str, symmetry: Any, total_sz: Any) -> None:
-    _choice(key, symmetry, SYMMETRIES)
-    if "spin_flip" in symmetry and total_sz not in (None, 0):
-        _fail(
-            key,
-            symmetry,
-            f"spin flips leave no sector with total_sz={total_sz} invariant; use"
-            " model.total_sz=0 or null, or none|lattice",
-        )
-
-
-def _validate_positive_ground_state(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
-    """Refuse model.phase=false where the ground state has signs in the sampled basis."""
-    if ham_kind == "tfim":
-        if float(cfg.ham.gamma) < 0:
-            _fail(
-                "model.phase",
-                False,
-                "with ham.gamma < 0 the TFIM ground state has signs (-1)^(number of down"
-                " spins); use model.phase=true or ham.gamma >= 0",
-            )
-        return
-    J, sign_on = float(cfg.ham.J), _sign_rule_on(cfg, lattice)
-    if J > 0 and not sign_on:
-        _fail(
-            "model.phase",
-            False,
-            "the antiferromagnetic Heisenberg ground state has signs; use model.phase=true"
-            " or ham.sign_rule=auto|true (bipartite lattices)",
-        )
-    if J < 0 and sign_on:
-        _fail(
-            "model.phase",
-            False,
-            "with ham.J < 0 (ferromagnet) the ground state is positive only without the sign"
-            " rule; use ham.sign_rule=auto|false or model.phase=true",
-        )
-
-
-def _marshall_breaking(lattice: SquareLattice, symmetry: str, total_sz: Any) -> bool:
-    """Return whether some g changes the Marshall sign (−1)^(ups on sublattice B)."""
-    from naqs_cli.models.symmetry import symmetry_group
-
-    generator = torch.Generator().manual_seed(0)
-    n_sites = lattice.n_sites
-    n_up = n_sites // 2 + (int(total_sz) if total_sz is not None else 0)
-    x = torch.zeros(16, n_sites, dtype=torch.int8)
-    for row in range(16):
-        x[row, torch.randperm(n_sites, generator=generator)[:n_up]] = 1
-    on_b = (lattice.sublattice_sign() < 0).long()
-    parity = (x.long() * on_b).sum(-1) % 2
-    for perm, flip in symmetry_group(lattice, symmetry):
-        gx = x[:, perm]
-        if flip:
-            gx = 1 - gx
-        if not torch.equal((gx.long() * on_b).sum(-1) % 2, parity):
-            return True
-    return False
-
-
-def _validate_sampler(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
-    kind = target_kind(cfg.sampler)
-    _choice("sampler", kind, SAMPLER_KINDS)
-    _int_at_least("sampler.n_samples", cfg.sampler.n_samples, 1)
-    if kind != "fullsum" and (cfg.get("train") is None or cfg.train.stages is None):
-        _divides_over_ranks("sampler.n_samples", cfg.sampler.n_samples, "samples")
-    if kind == "mcmc":
-        _divides_over_ranks("sampler.n_chains", cfg.sampler.n_chains, "Markov chains")
-    if kind == "direct":
-        _choice("sampler.method", cfg.sampler.method, DIRECT_METHODS)
-    if kind == "fullsum" and lattice.n_sites > FULLSUM_MAX_SITES:
-        _fail(
-            "sampler",
-            "fullsum",
-            f"full sums hold all 2^N states, so N <= FULLSUM_MAX_SITES = {FULLSUM_MAX_SITES};"
-            f" {lattice.describe()} has N = {lattice.n_sites}: use sampler=direct",
-        )
-    if kind == "mcmc":
-        _int_at_least("sampler.n_chains", cfg.sampler.n_chains, 1)
-        _int_at_least("sampler.sweeps_between_samples", cfg.sampler.sweeps_between_samples, 1)
-        _int_at_least("sampler.burn_in", cfg.sampler.burn_in, 0)
-        _choice("sampler.init", cfg.sampler.init, MCMC_INITS)
-        _choice("sampler.move", cfg.sampler.move, MCMC_MOVES)
-        move = cfg.sampler.move
-        conserves = _conserves_sz(cfg, ham_kind)
-        if move == "auto":
-            move = "exchange" if conserves else "flip"
-        if move == "exchange" and not conserves:
-            _fail(
-                "sampler.move",
-                "exchange",
-                f"exchange moves keep Σσᶻ fixed, but ham={ham_kind} does not conserve it, so the"
-                " chains could not reach the ground state; use sampler.move=flip or auto",
-            )
-        if move == "exchange" and not lattice.bonds:
-            _fail(
-                "sampler.move",
-                "exchange",
-                f"exchange moves swap spins along bonds, and {lattice.describe()} has none;"
-                " use a larger lattice or sampler.move=flip",
-            )
-        if move == "flip" and cfg.model.total_sz is not None:
-            _fail(
-                "sampler.move",
-                "flip",
-                "single-spin flips leave the fixed model.total_sz sector; use"
-                " sampler.move=exchange or model.total_sz=null",
-            )
-        if move == "exchange" and cfg.sampler.init in ("up", "down"):
-            _fail(
-                "sampler.init",
-                cfg.sampler.init,
-                "exchange moves cannot leave a fully polarized state; use sampler.init=random",
-            )
-
-
-def _divides_over_ranks(key: str, value: Any, what: str) -> None:
-    """Refuse a count that torchrun's ranks cannot share equally (WORLD_SIZE from the env)."""
-    n_ranks = distributed.env_world_size()
-    if n_ranks > 1 and isinstance(value, int) and value % n_ranks != 0:
-        _fail(
-            key,
-            value,
-            f"must be a multiple of the number of ranks (WORLD_SIZE={n_ranks}), so that every"
-            f" rank holds {key.rsplit('.', 1)[-1]}/{n_ranks} {what}",
-        )
-
-
-def _validate_optim(cfg: DictConfig) -> None:
-    _positive("optim.lr", cfg.optim.lr)
-    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
-    if cfg.optim.schedule == "step":
-        _int_at_least("optim.step_every", cfg.optim.step_every, 1)
-        _positive("optim.step_factor", cfg.optim.step_factor)
-    if cfg.optim.grad_clip is not None:
-        _positive("optim.grad_clip", cfg.optim.grad_clip)
-    if target_kind(cfg.optim) == "adam":
-        betas = list(cfg.optim.betas)
-        if len(betas) != 2 or any(not 0 <= float(b) < 1 for b in betas):
-            _fail("optim.betas", betas, "must be two numbers in [0, 1)")
-    if target_kind(cfg.optim) == "sgd":
-        _finite("optim.momentum", cfg.optim.momentum)
-        if cfg.optim.momentum < 0:
-            _fail("optim.momentum", cfg.optim.momentum, "must be >= 0")
-
-
-def _validate_train(cfg: DictConfig) -> None:
+def build_train_settings(cfg: DictConfig) -> TrainSettings:
+    """Return the typed `train` section of a train config."""
     train = cfg.train
-    _int_at_least("train.steps", train.steps, 0)
-    _int_at_least("train.chunk_size", train.chunk_size, 1)
-    _int_at_least("train.log_every", train.log_every, 1)
-    _int_at_least("train.checkpoint_every", train.checkpoint_every, 1)
-    _int_at_least("train.final_samples", train.final_samples, 0)
-    _int_at_least("train.best_smoothing", train.best_smoothing, 1)
-    _int_at_least("train.max_nonfinite", train.max_nonfinite, 1)
-    _int_at_least("train.max_rollbacks", train.max_rollbacks, 0)
-    # .get: configs stored by runs that predate the key mean "auto".
-    _choice("train.exact_reference", train.get("exact_reference", "auto"), EXACT_REFERENCE_MODES)
-    if train.stages is not None:
-        if len(train.stages) == 0:
-            _fail("train.stages", "[]", "give at least one {steps, n_samples, lr} or null")
-        for i, stage in enumerate(train.stages):
-            _int_at_least(f"train.stages[{i}].steps", stage.steps, 1)
-            _int_at_least(f"train.stages[{i}].n_samples", stage.n_samples, 1)
-            _positive(f"train.stages[{i}].lr", stage.lr)
-            if target_kind(cfg.sampler) != "fullsum":
-                _divides_over_ranks(f"train.stages[{i}].n_samples", stage.n_samples, "samples")
-    if train.init_from is not None:
-        validate_path("train.init_from", train.init_from)
+    return TrainSettings(
+        schedule=build_schedule(cfg),
+        chunk_size=int(train.chunk_size),
+        log_every=int(train.log_every),
+        checkpoint_every=int(train.checkpoint_every),
+        final_samples=int(train.final_samples),
+        final_symmetry=train.final_symmetry or None,
+        init_from=None if train.init_from is None else str(train.init_from),
+        best_smoothing=int(train.best_smoothing),
+        max_nonfinite=int(train.max_nonfinite),
+        max_rollbacks=int(train.max_rollbacks),
+        time_budget=None if train.time_budget is None else float(train.time_budget),
+        exact_reference=str(train.exact_reference),
+        lr=float(cfg.optim.lr),
+        allow_unverified_checkpoint=bool(cfg.get("allow_unverified_checkpoint", False)),
+    )
 
 
-def _validate_runtime(cfg: DictConfig, allow_null: bool = False) -> None:
-    seed = cfg.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        _fail("seed", seed, "must be an integer in [0, 2^62]")
-    if not (allow_null and cfg.device is None):
-        _choice("device", cfg.device, DEVICES)
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            _fail("device", "cuda", "no CUDA device is available here; use device=cpu or auto")
-    if not (allow_null and cfg.dtype is None):
-        _choice("dtype", cfg.dtype, DTYPES)
+def build_literature(cfg: DictConfig) -> LiteratureReference | None:
+    """Return the typed `reference` section (a published energy to compare with), or None."""
+    section = cfg.get("reference")
+    if section is None:
+        return None
+    energy, table = section.get("energy"), section.get("table")
+    return LiteratureReference(
+        energy=None if energy is None else float(energy),
+        source=str(section.get("source") or ""),
+        table=None if table is None else tuple(tuple(float(v) for v in row) for row in table),
+    )
 
 
-def _validate_exact(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> None:
-    _choice("method", cfg.method, EXACT_METHODS)
-    one_d_tfim = ham_kind == "tfim" and lattice.Ly == 1 and float(cfg.ham.J) > 0
-    if cfg.method == "free_fermion" and not one_d_tfim:
-        _fail(
-            "method",
-            "free_fermion",
-            "free fermions solve only the 1D TFIM chain (lattice=chain, ham=tfim, ham.J > 0);"
-            " use method=ed or auto",
+def build_training(cfg: DictConfig) -> TrainingSetup:
+    """Turn a validated `train` config into the objects of a training run.
+
+    The global torch seed is set to `seed` before the model is built (its initial weights);
+    the sampler has its own generator, seeded `seed + 1000·rank`.
+    """
+    runtime = build_runtime(cfg)
+    torch.manual_seed(runtime.seed)
+    lattice = build_lattice(cfg)
+    hamiltonian = build_hamiltonian(cfg, lattice)
+    model = build_model(cfg, lattice, runtime.device, runtime.dtype)
+
+    def new_sampler(seed: int):
+        return build_sampler(
+            cfg, hamiltonian, runtime.device, seed, runtime.rank, runtime.world_size
         )
-    uses_ed = cfg.method == "ed" or (cfg.method == "auto" and not one_d_tfim)
-    if uses_ed and lattice.n_sites > ED_MAX_SITES:
-        _fail(
-            "method",
-            cfg.method,
-            f"exact diagonalization handles at most ED_MAX_SITES = {ED_MAX_SITES} sites;"
-            f" {lattice.describe()} has {lattice.n_sites}"
-            + (": use method=free_fermion" if one_d_tfim else ": train a model instead"),
-        )
+
+    def new_model(symmetry: str) -> torch.nn.Module:
+        return build_model(cfg, lattice, runtime.device, runtime.dtype, symmetry=symmetry)
+
+    sampler = new_sampler(runtime.seed)
+    sampler_kind = target_kind(cfg.sampler)
+    n_chains = int(cfg.sampler.n_chains) if sampler_kind == "mcmc" else None
+    rule = build_update_rule(cfg, model)
+    settings = build_train_settings(cfg)
+    state = VariationalState(
+        model,
+        sampler,
+        hamiltonian,
+        chunk_size=settings.chunk_size,
+        n_chains=n_chains,
+        world_size=runtime.world_size,
+    )
+    return TrainingSetup(
+        config=OmegaConf.to_container(cfg, resolve=True),
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        runtime=runtime,
+        lattice=lattice,
+        hamiltonian=hamiltonian,
+        state=state,
+        rule=rule,
+        settings=settings,
+        literature=build_literature(cfg),
+        model_kind=target_kind(cfg.model),
+        sampler_kind=sampler_kind,
+        new_sampler=new_sampler,
+        new_model=new_model,
+    )
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """Return a config as resolved YAML (the `config` attribute of HDF5 outputs)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -226,12 +226,98 @@ def _register_configs_once() -> None:
     register_configs()
 
 
+@functools.cache
+def _task_groups(task: str) -> dict[str, tuple[str, ...]]:
+    """Return the config groups in the defaults list of `task`, each with its option names."""
+    from omegaconf import OmegaConf
+
+    from naqs_cli import CONF_DIR
+
+    groups = {}
+    for entry in OmegaConf.load(Path(CONF_DIR) / f"{task}.yaml").get("defaults", []):
+        if isinstance(entry, str):
+            continue
+        for key in entry:
+            group = str(key).split()[-1]  # "optional sampler" -> "sampler"
+            folder = Path(CONF_DIR) / group
+            names = (f.relative_to(folder).with_suffix("") for f in folder.rglob("*.yaml"))
+            groups[group] = tuple(sorted(name.as_posix() for name in names))
+    return groups
+
+
+def _parse_overrides(overrides: list[str]) -> list:
+    """Parse overrides with Hydra's grammar; a malformed one is a `UserError` naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except OverrideParseException as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "invalid syntax"
+            raise UserError(
+                f"{text}: cannot be parsed ({reason}); overrides are key=value, and a value"
+                " with spaces, '=' or brackets needs quotes: key='a=b'"
+            ) from None
+    return parsed
+
+
+def _kind_of(value: object) -> str:
+    """Name the kind of a parsed override value for a message: a list, null, a number..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a mapping" if isinstance(value, dict) else "a list"
+
+
+def _check_group_overrides(task: str, overrides: list[str]) -> None:
+    """Refuse a config-group override that is not one option name of that group.
+
+    Hydra fails on some of these with a TypeError (``sampler=[1,2]``), merges others as config
+    values (``sampler={...}``) or, for an optional group, ignores a misspelt option; here each
+    is one `UserError` naming the override and the allowed options.
+    """
+    groups = _task_groups(task)
+    for override, text in zip(_parse_overrides(overrides), overrides, strict=True):
+        options = groups.get(override.key_or_group)
+        if options is None or override.package is not None:
+            continue
+        group = override.key_or_group
+        allowed = " | ".join(options)
+        if override.is_sweep_override():
+            raise UserError(
+                f"{text}: a config group takes one option name ({allowed});"
+                f" add -m to sweep over several"
+            )
+        value = override.value()
+        if override.is_delete() and value is None:
+            continue
+        if not isinstance(value, str):
+            hint = (
+                f"set its keys one by one ({group}.KEY=VALUE)"
+                if isinstance(value, dict)
+                else f"to run several, sweep with -m {group}=a,b"
+            )
+            raise UserError(
+                f"{text}: a config group takes one option name ({allowed}), not"
+                f" {_kind_of(value)}; {hint}"
+            )
+        if not override.is_delete() and value not in options:
+            raise UserError(f"{group}={value}: no such option; allowed: {allowed}")
+
+
 def _compose(task: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from naqs_cli import CONF_DIR
 
+    _check_group_overrides(task, overrides)
     _register_configs_once()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -251,29 +337,33 @@ def _prevalidate(task: str, flags: list[str], overrides: list[str]) -> None:
     Checkpoints named by the config (`checkpoint`, `resume`, `train.init_from`) are loaded
     and checked here too, so a bad file or an override it cannot take writes nothing.
     """
-    from naqs_cli import store, tasks
-    from naqs_cli.build import validate
+    from naqs_cli import compose, tasks
+    from naqs_cli.train.resume import check_new_run_dir
+    from naqs_cli.validation import validate
 
     multirun = any(f in ("-m", "--multirun") for f in flags)
+    _parse_overrides(overrides)
     jobs = _expand_sweeps(overrides) if multirun else [overrides]
     for job in jobs:
         job = [o for o in job if not o.startswith("hydra/") and not o.startswith("hydra.")]
         cfg = _compose(task, job)
         if task == "train" and cfg.get("resume"):
-            tasks.prepare_resume(cfg.resume, job)
+            compose.prepare_resume(cfg.resume, job, bool(cfg.allow_unverified_checkpoint))
             continue
         if task == "evaluate":
-            tasks.evaluate_config(cfg)
+            compose.evaluate_config(cfg)
             continue
         validate(cfg, task)
         if task == "compare_sampling":
-            store.load_checkpoint(cfg.checkpoint)
+            from naqs_cli.compare.sampling import load_checkpoint_model
+
+            load_checkpoint_model(cfg)
         if task in ("train", "compare_training"):
             tasks.check_init_from(cfg)
         if task == "train" and not multirun:
             run_dir = _hydra_run_dir(overrides)
             if run_dir is not None:
-                tasks.check_new_run_dir(run_dir)
+                check_new_run_dir(run_dir)
 
 
 def _hydra_run_dir(overrides: list[str]) -> str | None:
@@ -314,7 +404,7 @@ def check_overrides(task: str, overrides: list[str], flags: list[str] | None = N
     """Return the one-line error the CLI prints for these overrides, or None if they are valid.
 
     This is exactly the check `main` runs before Hydra creates anything (composition with
-    type checking, `build.validate`, the checkpoints the config names), so tests can call it
+    type checking, `validation.validate`, the checkpoints the config names), so tests can call it
     in-process.
 
     Args:
@@ -350,10 +440,19 @@ def _one_line(err: BaseException, task: str | None = None) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else type(err).__name__
     cause = err.__cause__ or err.__context__
+    if first.startswith("In '") and first.endswith("while composing config:") and len(lines) > 1:
+        group, _, option = first.split("'")[1].rpartition("/")  # a preset that does not fit
+        return f"{group}={option}: {lines[1]}" if group else f"{option}: {lines[1]}"
+    if first.startswith("Ambiguous value for argument '"):
+        override = first.split("'", 1)[1].rsplit("'", 1)[0]
+        return (
+            f"{override}: several values; add -m to sweep over them, or write a list as"
+            " key=[a,b] or a string with commas as key='a,b'"
+        )
     if first.startswith("Could not override '") or "not in struct" in text:
         key = first.split("'")[1] if "'" in first else "?"
         if task == "evaluate":
-            from naqs_cli.build import EVALUATE_OVERRIDABLE
+            from naqs_cli.validation import EVALUATE_OVERRIDABLE
 
             return (
                 f"{key}: evaluate uses the checkpoint's config and may change only"
@@ -374,25 +473,17 @@ def _one_line(err: BaseException, task: str | None = None) -> str:
                 return f"{key}: missing; give it on the command line"
     if "Missing mandatory value" in first:
         return f"{first} (give it on the command line)"
-    return first
+    key = getattr(err, "full_key", None)  # OmegaConf's errors know the key they failed on
+    return f"{key}: {first}" if key and key not in first else first
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from naqs_cli.build import ConfigError
-    from naqs_cli.store import CheckpointError
-    from naqs_cli.tasks import NotImplementedYetError
+    from naqs_cli.errors import NaqsError
 
-    return (
-        HydraException,
-        OmegaConfBaseException,
-        ConfigError,
-        CheckpointError,
-        NotImplementedYetError,
-        UserError,
-    )
+    return (HydraException, OmegaConfBaseException, NaqsError, UserError)
 
 
 def _fail(command: str, message: str, code: int = 2) -> None:
@@ -418,6 +509,7 @@ def _run_hydra(
 
     from naqs_cli import CONF_DIR, tasks
     from naqs_cli.config import register_configs
+    from naqs_cli.errors import InterruptedRunError, TrainingDivergedError
 
     register_configs()
     user_errors = _user_error_types()
@@ -433,11 +525,11 @@ def _run_hydra(
                 result = tasks.train(cfg, out_dir, overrides=list(hc.overrides.task))
             else:
                 result = getattr(tasks, task)(cfg, out_dir)
-        except tasks.InterruptedRunError as err:
+        except InterruptedRunError as err:
             sys.stderr.write(f"naqs {command}: {err}\n")
             sys.stderr.flush()
             raise SystemExit(err.exit_code) from None
-        except tasks.TrainingDivergedError as err:
+        except TrainingDivergedError as err:
             _fail(command, str(err), code=3)
         except OSError as err:
             _fail(command, _os_error_line(err), code=1)
@@ -492,10 +584,11 @@ def _note_resume_world_size(task: str, flags: list[str], overrides: list[str]) -
     value = next((o.value() for o in parsed if o.key_or_group == "resume"), None)
     if not value:
         return
-    from naqs_cli import store, tasks
+    from naqs_cli import store
+    from naqs_cli.train.checkpoint import checkpoint_world_size, resume_world_note
 
-    state = store.load_checkpoint(value)
-    note = tasks.resume_world_note(tasks.checkpoint_world_size(state), _launch_world_size())
+    state = store.load_checkpoint(value, allow_unverified=True)  # checked by _prevalidate
+    note = resume_world_note(checkpoint_world_size(state), _launch_world_size())
     if note is not None:
         sys.stderr.write(f"naqs train: note: {note}\n")
         sys.stderr.flush()
@@ -504,17 +597,12 @@ def _note_resume_world_size(task: str, flags: list[str], overrides: list[str]) -
 def _planned_run_dir(task: str, overrides: list[str]) -> str:
     """Return the absolute run directory Hydra would make of these overrides (rank 0 decides
     it once, so that `${now:...}` in `hydra.run.dir` gives every rank the same one)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from naqs_cli import CONF_DIR
+    from naqs_cli.compose import compose
 
-    _register_configs_once()
-    GlobalHydra.instance().clear()
     wanted = [o for o in overrides if not o.lstrip("+~").startswith("hydra/")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=task, overrides=wanted, return_hydra_config=True)
+    cfg = compose(task, wanted, return_hydra_config=True)
     try:
         run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
     except Exception as err:  # an interpolation that needs Hydra's runtime
@@ -532,6 +620,7 @@ def _run_ranks(command: str, task: str, flags: list[str], overrides: list[str]) 
     import logging
 
     from naqs_cli import distributed, tasks
+    from naqs_cli.errors import InterruptedRunError, TrainingDivergedError
 
     distributed.init()
     released = False
@@ -573,9 +662,9 @@ def _run_ranks(command: str, task: str, flags: list[str], overrides: list[str]) 
         )
         try:
             tasks.train(_compose(task, job), Path(run_dir), overrides=job)
-        except (distributed.PeerFailedError, tasks.InterruptedRunError) as err:
+        except (distributed.PeerFailedError, InterruptedRunError) as err:
             raise SystemExit(err.exit_code) from None
-        except tasks.TrainingDivergedError:
+        except TrainingDivergedError:
             raise SystemExit(3) from None
         except OSError:
             raise SystemExit(1) from None

@@ -120,13 +120,16 @@ class StageConfig:
 
 @dataclass
 class TrainSection:
-    steps: int = 300
+    steps: int = 200
+    # A list of {steps, n_samples, lr}; replaces steps / sampler.n_samples / optim.lr.
     stages: list[StageConfig] | None = None
-    chunk_size: int = 1024
-    log_every: int = 10
+    chunk_size: int = 1024  # samples per network pass and per backward chunk (bounds memory)
+    log_every: int = 10  # steps between HDF5 flushes and log lines
     checkpoint_every: int = 100
-    final_samples: int = 16384
+    final_samples: int = 8192  # samples of the final evaluation (0: none)
+    # Symmetrize the final evaluation (none | spin_flip | lattice | lattice_spin_flip).
     final_symmetry: str | None = None
+    # A checkpoint whose weights start this run (Γ continuation, a bigger lattice).
     init_from: str | None = None
     best_smoothing: int = 20
     max_nonfinite: int = 5
@@ -134,6 +137,10 @@ class TrainSection:
     # auto: exact reference (cached on disk) when computable, else `reference`; never: only
     # the `reference` section (no exact diagonalization at the end of a run).
     exact_reference: str = "auto"
+    # Seconds of training (null: none). The run then ends when the budget is spent or the
+    # steps are done, whichever comes first, like a finished run; schedules follow the
+    # elapsed fraction of the budget.
+    time_budget: float | None = None
 
 
 @dataclass
@@ -157,9 +164,12 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    resume: str | None = None
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda; under torchrun: LOCAL_RANK
+    dtype: str = "float32"  # float32 | float64 (sums over sites are float64 either way)
+    resume: str | None = None  # a run directory or checkpoint to continue
+    # Accept checkpoints (resume, train.init_from) that carry no checksum: only for files
+    # you trust (written by another program, or edited by hand).
+    allow_unverified_checkpoint: bool = False
 
 
 @dataclass
@@ -177,6 +187,7 @@ class EvaluateConfig:
     device: str | None = None
     dtype: str | None = None
     chunk_size: int = 4096
+    allow_unverified_checkpoint: bool = False  # accept a checkpoint without a checksum
 
 
 @dataclass
@@ -202,6 +213,7 @@ class CompareSamplingConfig:
     seed: int = 1
     device: str | None = None
     dtype: str | None = None
+    allow_unverified_checkpoint: bool = False  # accept a checkpoint without a checksum
 
 
 @dataclass

@@ -25,17 +25,10 @@ T = TypeVar("T")
 DEFAULT_EXIT_CODE = 1
 
 
-
-
 # --- launch environment (read before the process group exists) ---------------------------
 def env_world_size() -> int:
     """Return WORLD_SIZE as set by torchrun (1 when unset)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def env_rank() -> int:
-    """Return RANK as set by torchrun (0 when unset)."""
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def env_local_rank() -> int:

@@ -64,3 +64,9 @@ class PeerFailedError(NaqsError, RuntimeError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """Return the first line of an error message (at most 200 characters), for one-line reports."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__

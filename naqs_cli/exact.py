@@ -1,7 +1,7 @@
-"""Exact references: basis enumeration, exact diagonalization, 1D TFIM free fermions.
+"""Exact references: exact diagonalization and the 1D TFIM free-fermion solution.
 
 Energies in `ExactResult` are totals (`energy`) and per site (`energy_per_site`); observables
-use the names and normalizations of DESIGN.md ("Units and observables"). Exact
+use the names and normalizations of the README's architecture section ("Contracts"). Exact
 diagonalization works in a symmetry sector that holds the global ground state:
 
 * TFIM: the spin-flip (Z2) sector containing the ground state — even for gamma ≥ 0. Its
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 __all__ = [
     "METHODS",
     "ExactResult",
-    "basis_index",
-    "enumerate_basis",
     "free_fermion",
     "ground_state",
     "model_expectations",
@@ -59,35 +57,6 @@ _DENSE_MAX_DIM = 128
 _EIGSH_TOL = 1e-12
 
 
-def enumerate_basis(n_sites: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Return all 2^N configurations in basis order b = Σ_i x_i·2^(N−1−i).
-
-    Args:
-        n_sites: N.
-        device: where to build the tensor.
-
-    Returns:
-        (2^N, N) int8 tensor, row b holds the configuration of basis index b (1 = up).
-    """
-    b = torch.arange(2**n_sites, device=device, dtype=torch.long)
-    shifts = torch.arange(n_sites - 1, -1, -1, device=device, dtype=torch.long)
-    return ((b[:, None] >> shifts[None, :]) & 1).to(torch.int8)
-
-
-def basis_index(x: torch.Tensor) -> torch.Tensor:
-    """Return the basis index b = Σ_i x_i·2^(N−1−i) of each configuration.
-
-    Args:
-        x: (B, N) int8 configurations.
-
-    Returns:
-        (B,) int64 indices.
-    """
-    n_sites = x.shape[-1]
-    weights = 2 ** torch.arange(n_sites - 1, -1, -1, device=x.device, dtype=torch.long)
-    return (x.long() * weights).sum(dim=-1)
-
-
 @dataclass(frozen=True)
 class ExactResult:
     """An exact ground-state reference.
@@ -95,7 +64,7 @@ class ExactResult:
     Attributes:
         energy: total ground-state energy E0.
         energy_per_site: E0 / N.
-        observables: ground-state expectation values by DESIGN.md name
+        observables: ground-state expectation values by observable name (README, Architecture)
             (`abs_magnetization`, `magnetization`, `magnetization_sq`, and `sigma_x` for the
             TFIM or `staggered_magnetization` for the Heisenberg model).
         method: "ed" or "free_fermion".
@@ -488,7 +457,7 @@ def model_expectations(
 ) -> dict[str, float]:
     """Return exact expectation values of a wave function given on the whole basis.
 
-    Normalizations (DESIGN.md units): with E = ⟨H⟩ and Var = ⟨H²⟩ − ⟨H⟩² of the total H,
+    Normalizations (README, Architecture: units): with E = ⟨H⟩ and Var = ⟨H²⟩ − ⟨H⟩² of the total H,
     `energy` = E/N, `energy_variance` = Var/N² (the variance of the per-site local energy),
     `v_score` = N·Var/E² (nan when E = 0); `abs_magnetization` ⟨|Σσᶻ|⟩/N, `magnetization`
     ⟨Σσᶻ⟩/N, `magnetization_sq` ⟨(Σσᶻ)²⟩/N², plus `sigma_x` ⟨Σσˣ⟩/N (TFIM) or

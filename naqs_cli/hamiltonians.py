@@ -1,10 +1,11 @@
 """Spin-1/2 lattice Hamiltonians: transverse-field Ising and Heisenberg.
 
-Both share one interface (DESIGN.md, "Contracts"): configurations `x` are (B, N) int8 with
+Both share one interface (README, "Architecture"): configurations `x` are (B, N) int8 with
 1 = up (σᶻ = +1) and 0 = down; `get_conn(x)` returns every configuration connected to each
 `x` by a non-zero matrix element, vectorized over the batch on x's device; `to_sparse()`
 builds the same matrix over the basis b = Σ_i x_i·2^(N−1−i). Matrix elements are in the
-reporting units of DESIGN.md: Pauli matrices for the TFIM, S = σ/2 for the Heisenberg model.
+reporting units of the README's architecture section: Pauli matrices for the TFIM,
+S = σ/2 for the Heisenberg model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from naqs_cli.limits import ED_MAX_SITES, ED_SPARSE_MAX_SITES
 if TYPE_CHECKING:
     import scipy.sparse
 
-__all__ = ["Heisenberg", "TransverseFieldIsing", "SIGN_RULE_CHOICES"]
+__all__ = ["SIGN_RULE_CHOICES", "Heisenberg", "TransverseFieldIsing", "normalize_sign_rule"]
 
 #: Accepted spellings of `ham.sign_rule` (case-insensitive strings, or a bool).
 SIGN_RULE_CHOICES = ("auto", "true", "false")
@@ -175,7 +176,7 @@ class TransverseFieldIsing:
         )
 
     def to_sparse(self) -> scipy.sparse.csr_matrix:
-        """Return H as a (2^N, 2^N) float64 CSR matrix in the basis order of DESIGN.md.
+        """Return H as a (2^N, 2^N) float64 CSR matrix in basis order (`naqs_cli.basis`).
 
         Raises:
             ValueError: N > ED_SPARSE_MAX_SITES (the matrix would not fit comfortably).
@@ -200,12 +201,18 @@ class TransverseFieldIsing:
         return f"TransverseFieldIsing(lattice={self.lattice!r}, J={self.J!r}, gamma={self.gamma!r})"
 
 
+def normalize_sign_rule(value: object) -> str:
+    """Map a `ham.sign_rule` value (a bool or a spelling: yes/no/1/0/true/false/auto) to
+    'auto' | 'true' | 'false'; other text comes back lowered, for the caller to refuse."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    return {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(text, text)
+
+
 def _resolve_sign_rule(sign_rule: str | bool, lattice: SquareLattice, J: float) -> bool:
-    if isinstance(sign_rule, bool):
-        choice = "true" if sign_rule else "false"
-    elif isinstance(sign_rule, str) and sign_rule.strip().lower() in SIGN_RULE_CHOICES:
-        choice = sign_rule.strip().lower()
-    else:
+    choice = normalize_sign_rule(sign_rule)
+    if choice not in SIGN_RULE_CHOICES:
         raise ValueError(f"ham.sign_rule must be one of auto|true|false, got {sign_rule!r}")
     if choice == "auto":
         return lattice.is_bipartite and J > 0
@@ -320,7 +327,7 @@ class Heisenberg:
         return _diagonal_zz(b, self.n_sites, self.lattice.bonds, self.J / 4)
 
     def to_sparse(self) -> scipy.sparse.csr_matrix:
-        """Return H as a (2^N, 2^N) float64 CSR matrix in the basis order of DESIGN.md.
+        """Return H as a (2^N, 2^N) float64 CSR matrix in basis order (`naqs_cli.basis`).
 
         Raises:
             ValueError: N > ED_SPARSE_MAX_SITES (the matrix would not fit comfortably).

@@ -48,7 +48,7 @@ def split(n_items: int, parts: int) -> list[slice]:
 
 
 @contextlib.contextmanager
-def _restoring_threads(n: int) -> Iterator[None]:
+def _restoring_threads() -> Iterator[None]:
     # set_num_threads is process-wide in torch's bookkeeping; restore it afterwards.
     before = torch.get_num_threads()
     try:
@@ -79,5 +79,5 @@ def run_split(function: Callable[[slice], T], n_items: int, workers: int) -> lis
         pool = _POOLS.get(workers)
         if pool is None:
             pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="naqs")
-    with _restoring_threads(workers):
+    with _restoring_threads():
         return list(pool.map(task, parts))

@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,8 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 #: Modules whose source determines an exact result (see `solver_version`).
 _SOLVER_MODULES = (exact, hamiltonians, lattice, limits)
+#: Allowed values of `train.exact_reference`.
+EXACT_REFERENCE_MODES = ("auto", "never")
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,6 @@ class LiteratureReference:
     source: str = ""
     table: tuple[tuple[float, ...], ...] | None = None
 
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> LiteratureReference | None:
-        """Return the typed form of a `reference` config section (None stays None).
-
-        Args:
-            section: the `reference` node (a DictConfig or plain mapping) or None.
-        """
-        if section is None:
-            return None
-        energy = section.get("energy")
-        table = section.get("table")
-        return cls(
-            energy=None if energy is None else float(energy),
-            source=str(section.get("source") or ""),
-            table=None if table is None else tuple(tuple(float(v) for v in row) for row in table),
-        )
-
 
 def find_reference(
     hamiltonian: TransverseFieldIsing | Heisenberg,
@@ -130,7 +114,6 @@ def find_reference(
     Raises:
         ValueError: an unknown mode.
     """
-    from naqs_cli.build import EXACT_REFERENCE_MODES  # here: build imports this module
 
     if mode not in EXACT_REFERENCE_MODES:
         raise ValueError(f"mode must be one of {' | '.join(EXACT_REFERENCE_MODES)}, got {mode!r}")

@@ -9,11 +9,9 @@ temporary file in the same directory, fsynced, then atomically renamed over the 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,32 +24,6 @@ from naqs_cli.errors import CheckpointError
 #: Bumped whenever the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("format_version", "config", "model", "step")
-
-
-_HOOK_MODULES: dict[str, Any] = {}
-
-
-def _test_hook(name: str) -> Callable[..., Any] | None:
-    """Return the test hook `name` named by NAQS_TEST_HOOKS=module:function, if any.
-
-    The training loop calls hooks at fixed points of a step; only tests set the variable.
-    `module` is a dotted module name or a path to a `.py` file; `function` returns a dict
-    {hook name: callable}.
-    """
-    spec = os.environ.get("NAQS_TEST_HOOKS")
-    if not spec:
-        return None
-    module_name, _, function_name = spec.rpartition(":")
-    module = _HOOK_MODULES.get(module_name)
-    if module is None:
-        if module_name.endswith(".py"):
-            loader_spec = importlib.util.spec_from_file_location("_naqs_test_hooks", module_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        _HOOK_MODULES[module_name] = module
-    return getattr(module, function_name)().get(name)
 
 
 def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
@@ -209,7 +181,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} carries no checksum (naqs writes one into every checkpoint, so this file"
             " was written by another program, or edited); if you trust it, re-run with"
-            " +allow_unverified_checkpoint=true"
+            " allow_unverified_checkpoint=true"
         )
     if digest is not None and digest != state_digest(state):
         raise CheckpointError(

@@ -1,4 +1,7 @@
-"""Local energies, the Eq. 4 gradient estimator and one optimization step (pure functions)."""
+"""Local energies, the Eq. 4 gradient estimator and the observables of a batch (pure functions).
+
+One optimization step combines them in `naqs_cli.optim` (`FirstOrderRule.step`).
+"""
 
 from __future__ import annotations
 
@@ -264,60 +267,6 @@ def vmc_gradient(
         loss.backward()
 
 
-def train_step(
-    model: torch.nn.Module,
-    hamiltonian,
-    batch: Samples,
-    optimizer: torch.optim.Optimizer,
-    *,
-    chunk_size: int = 1024,
-    grad_clip: float | None = None,
-    n_total: int | None = None,
-    pending_check: torch.Tensor | None = None,
-) -> StepResult:
-    """Run one VMC step: local energies, Eq. 4 gradient, all-reduce, clip, optimizer step.
-
-    A non-finite local energy or gradient skips the update (gradients are discarded) on every
-    rank alike: a non-finite local energy anywhere makes the all-reduced baseline non-finite,
-    and the gradient is all-reduced before its norm is taken. The step reads the device once
-    (the finiteness flags and the gradient norm, together): whether to call `optimizer.step`
-    must be known on the host, because Adam's moments must not see a skipped step.
-
-    Args:
-        chunk_size: samples per backward pass (lowered to fit `BACKWARD_BYTES`) and
-            configurations per network pass of the local energies.
-        grad_clip: clip the gradient norm to this value (None: no clipping).
-        n_total: samples over all ranks (default: this batch's size × world size).
-        pending_check: a 0-dim bool tensor on the model's device read in the same sync (the
-            trainer's deferred check that the previous update left the parameters finite);
-            False skips the update.
-    """
-    e_loc = batch_local_energy(model, hamiltonian, batch, chunk_size=chunk_size)
-    optimizer.zero_grad(set_to_none=True)
-    n_total = n_total or batch.n_samples * distributed.world_size()
-    e_mean = weighted_mean(e_loc.total, batch, n_total)
-    vmc_gradient(model, batch, e_loc.total, chunk_size, n_total, e_mean=e_mean)
-    distributed.all_reduce_grads(model)
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    flags = [torch.isfinite(e_mean), grad_norm]
-    if pending_check is not None:
-        flags.append(pending_check)
-    energy_ok, norm, *pending = torch.stack([f.to(torch.float64) for f in flags]).tolist()
-    pending_ok = bool(pending[0]) if pending else True
-    if not energy_ok:
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(e_loc, math.nan, False, False, pending_ok)
-    if not math.isfinite(norm) or not pending_ok:
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(e_loc, norm, False, True, pending_ok)
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(e_loc, norm, True)
-
-
 def _observable_rows(
     batch: Samples, e_loc: LocalEnergy, hamiltonian
 ) -> tuple[list[str], torch.Tensor]:
@@ -356,7 +305,7 @@ def _sublattice_sign(hamiltonian, device: torch.device) -> torch.Tensor:
 def observable_estimates(
     batch: Samples, e_loc: LocalEnergy, hamiltonian, n_chains: int | None = None
 ) -> dict[str, float | torch.Tensor]:
-    """Return the per-site observables of DESIGN.md with their errors, over every rank's batch.
+    """Return the per-site observables (README, Architecture) with errors, over all ranks.
 
     Same keys as `estimate_observables`, but i.i.d. and full-sum batches give 0-dim float64
     tensors on the batch's device, computed without reading the device (`Stats.rows`: the
@@ -462,7 +411,7 @@ def to_floats(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
 def estimate_observables(
     batch: Samples, e_loc: LocalEnergy, hamiltonian, n_chains: int | None = None
 ) -> dict[str, float]:
-    """Return the per-site observables of DESIGN.md with their errors, over every rank's batch.
+    """Return the per-site observables (README, Architecture) with errors, over all ranks.
 
     Keys: energy, energy_variance (Var(H)/N², the variance of the per-site local energy),
     v_score (N·Var(H)/E²), abs_magnetization, magnetization, magnetization_sq, sigma_x (TFIM;

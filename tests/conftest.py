@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from naqs_cli import CONF_DIR
-from naqs_cli.config import register_configs
+from naqs_cli.compose import compose  # noqa: F401  (the CLI's own composition, for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The smallest training config: 2×2, one causal layer, float64 on the CPU.
@@ -26,16 +25,12 @@ TINY_TRAIN = [
 ]
 
 
-def compose(task: str, overrides: list[str] | None = None):
-    """Compose the primary config `task` with overrides, as the CLI does (no HydraConfig)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def make_trainer(cfg, out_dir: Path, checkpoint: dict | None = None, path: Path | None = None):
+    """Return the `Trainer` of a composed train config (the loop alone, as `tasks.train` uses)."""
+    from naqs_cli.build import build_training
+    from naqs_cli.train.loop import Trainer
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=task, overrides=list(overrides or []))
+    return Trainer(build_training(cfg), Path(out_dir), checkpoint, path)
 
 
 def run_cli(

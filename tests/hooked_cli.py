@@ -7,6 +7,7 @@ torchrun (``torchrun ... tests/hooked_cli.py HOOKSET train ...``), each rank pat
 Hooksets (parameters come from environment variables, so a test sets them for one
 subprocess):
 
+- batches: append "step batch-size" to NAQS_TEST_BATCHES.RANK after each sampling;
 - progress: write the current step to NAQS_TEST_PROGRESS before each training step;
 - slow_checkpoint: progress, and stall inside the NAQS_TEST_NTH-th write of last.pt, its
   temporary file half written;
@@ -20,9 +21,8 @@ A stalling patch creates NAQS_TEST_MARKER (holding its pid) and waits to be kill
 count calls in this process, so a step repeated after a rollback or a resume is a new call.
 
 The checkpoint and history patches replace `store._write_checkpoint_file` and
-`store.HistoryWriter._write_column`. The training-step hooksets (progress, nan_energies,
-nan_parameters) still go through the training loop's NAQS_TEST_HOOKS look-up
-(`_training_loop_hooks`) until the loop offers seams of its own.
+`store.HistoryWriter._write_column`; the training-step hooksets add callbacks to the training
+loop (tests/hooks.py).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import numpy as np
 
 from naqs_cli import cli, store
 
-#: The training-step hooks that the training loop looks up through NAQS_TEST_HOOKS.
-STEP_HOOKS = Path(__file__).resolve().parent / "hooks.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hooks  # noqa: E402  (tests/hooks.py, beside this script)
 
 _COUNTS: dict[str, int] = {}
 
@@ -108,27 +108,36 @@ def stall_in_history_append() -> None:
     store.HistoryWriter._write_column = staticmethod(stalling)
 
 
-def _training_loop_hooks(name: str) -> Callable[[], None]:
-    """Return a patch that selects `name` of tests/hooks.py through NAQS_TEST_HOOKS.
+def record_progress() -> None:
+    """Write the step about to run to NAQS_TEST_PROGRESS (when set) after each sampling."""
+    if os.environ.get("NAQS_TEST_PROGRESS"):
+        hooks.add_callbacks(hooks.RecordProgress(os.environ["NAQS_TEST_PROGRESS"]))
 
-    The old mechanism, kept for the training-step hooks until the training loop has seams
-    that can be patched like the store's.
-    """
 
-    def select() -> None:
-        os.environ["NAQS_TEST_HOOKS"] = f"{STEP_HOOKS}:{name}"
+def record_batches() -> None:
+    """Append each sampled batch's "step size" to NAQS_TEST_BATCHES.RANK."""
+    hooks.add_callbacks(hooks.RecordBatches(os.environ["NAQS_TEST_BATCHES"]))
 
-    return select
+
+def nan_energies() -> None:
+    """Every local energy NaN on the sampled batches listed in NAQS_TEST_CALLS."""
+    hooks.add_callbacks(hooks.PoisonEnergies(os.environ.get("NAQS_TEST_CALLS", "")))
+
+
+def nan_parameters() -> None:
+    """A parameter filled with NaN after the updates listed in NAQS_TEST_CALLS."""
+    hooks.add_callbacks(hooks.PoisonParameters(os.environ.get("NAQS_TEST_CALLS", "")))
 
 
 #: Each hookset is the list of patches applied before the CLI runs.
 HOOKSETS: dict[str, list[Callable[[], None]]] = {
-    "progress": [_training_loop_hooks("progress")],
-    "slow_checkpoint": [_training_loop_hooks("progress"), stall_in_checkpoint_write],
-    "failing_checkpoint": [_training_loop_hooks("progress"), fail_checkpoint_write],
-    "slow_history": [_training_loop_hooks("progress"), stall_in_history_append],
-    "nan_energies": [_training_loop_hooks("nan_energies")],
-    "nan_parameters": [_training_loop_hooks("nan_parameters")],
+    "progress": [record_progress],
+    "batches": [record_batches],
+    "slow_checkpoint": [record_progress, stall_in_checkpoint_write],
+    "failing_checkpoint": [record_progress, fail_checkpoint_write],
+    "slow_history": [record_progress, stall_in_history_append],
+    "nan_energies": [record_progress, nan_energies],
+    "nan_parameters": [nan_parameters],
 }
 
 

@@ -1,18 +1,10 @@
-"""Training-step test hooks, selected with NAQS_TEST_HOOKS=<path of this file>:<function>.
+"""Training-step test seams: callbacks added to the training loop by monkeypatching.
 
-Each function below returns the {hook name: callable} dict that the training loop looks up
-(`naqs_cli.store._test_hook`) at fixed points of a step:
-
-- "training_batch"(step, batch): after sampling, before the training step (may edit `batch`);
-- "after_update"(step, model): after the optimizer step.
-
-Tests select them through tests/hooked_cli.py (hooksets progress, nan_energies,
-nan_parameters and the write hooksets, which record progress too) or by setting the
-variable themselves. Parameters come from environment variables, so a test sets them for one
-subprocess:
-
-- NAQS_TEST_PROGRESS: a file that receives the current step before each training step;
-- NAQS_TEST_CALLS: training steps (1-based call counts) that get NaN, e.g. "6-8" or "3-".
+`add_callbacks(*callbacks)` makes `naqs_cli.train.callbacks.default_callbacks` return the
+run's own callbacks followed by these, so the loop calls them at its fixed points
+(`on_batch` after sampling, `on_update` after the update rule's step). Production code reads
+no environment variable for them: a test patches its own process (in-process tests, forked
+ranks) or runs tests/hooked_cli.py, which patches the subprocess before the CLI starts.
 
 Counters count calls in this process, so a step that is repeated after a rollback or a resume
 is a new call.
@@ -24,17 +16,24 @@ import math
 import os
 from pathlib import Path
 
-_COUNTS: dict[str, int] = {}
+from naqs_cli import vmc
+from naqs_cli.train import callbacks as callbacks_module
+from naqs_cli.train.callbacks import Callback
 
 
-def _count(name: str) -> int:
-    _COUNTS[name] = _COUNTS.get(name, 0) + 1
-    return _COUNTS[name]
+def add_callbacks(*extra: Callback) -> None:
+    """Append `extra` to every training run's callbacks in this process."""
+    defaults = callbacks_module.default_callbacks
+
+    def with_extra() -> list[Callback]:
+        return [*defaults(), *extra]
+
+    callbacks_module.default_callbacks = with_extra
 
 
-def _in_calls(call: int) -> bool:
-    text = os.environ.get("NAQS_TEST_CALLS", "")
-    for part in filter(None, text.split(",")):
+def in_calls(call: int, spec: str) -> bool:
+    """Return whether 1-based `call` is in a spec like "6-8,14-" or "3,7"."""
+    for part in filter(None, spec.split(",")):
         low, sep, high = part.partition("-")
         top = (int(high) if high else math.inf) if sep else int(low)
         if int(low) <= call <= top:
@@ -42,59 +41,61 @@ def _in_calls(call: int) -> bool:
     return False
 
 
-def _record_progress(step: int, batch) -> None:
-    path = os.environ.get("NAQS_TEST_PROGRESS")
-    if path:
-        tmp = f"{path}.tmp"
-        Path(tmp).write_text(str(step))
-        os.replace(tmp, path)
+class RecordProgress(Callback):
+    """Write the step about to run to `path` (atomically) after each sampling."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def on_batch(self, trainer, batch) -> None:
+        tmp = f"{self.path}.tmp"
+        Path(tmp).write_text(str(trainer.step))
+        os.replace(tmp, self.path)
 
 
-_POISONED: list = []  # batches whose local energies come out NaN
+class RecordBatches(Callback):
+    """Append "step batch-size" lines to `prefix`.RANK (one file per torchrun rank)."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = str(prefix)
+
+    def on_batch(self, trainer, batch) -> None:
+        path = f"{self.prefix}.{os.environ.get('RANK', '0')}"
+        with open(path, "a") as f:
+            f.write(f"{trainer.step} {batch.n_samples}\n")
 
 
-def _poison_local_energies() -> None:
-    """Wrap `vmc.local_energy` (once) so that the batches in _POISONED get NaN energies."""
-    from naqs_cli import vmc
+class PoisonEnergies(Callback):
+    """Make every local energy NaN on the sampled batches whose call number is in `calls`."""
 
-    original = vmc.local_energy
-    if getattr(original, "poisoning", False):
-        return
+    def __init__(self, calls: str) -> None:
+        self.calls = calls
+        self.count = 0
+        self.poisoned: list = []
+        original = vmc.local_energy
 
-    def local_energy(model, hamiltonian, batch, *args, **kwargs):
-        result = original(model, hamiltonian, batch, *args, **kwargs)
-        if any(batch is poisoned for poisoned in _POISONED):
-            nan = float("nan")
-            return vmc.LocalEnergy(result.total * nan, result.off_diagonal * nan)
-        return result
+        def local_energy(model, hamiltonian, batch, *args, **kwargs):
+            result = original(model, hamiltonian, batch, *args, **kwargs)
+            if any(batch is p for p in self.poisoned):
+                nan = float("nan")
+                return vmc.LocalEnergy(result.total * nan, result.off_diagonal * nan)
+            return result
 
-    local_energy.poisoning = True
-    vmc.local_energy = local_energy
+        vmc.local_energy = local_energy
 
-
-def _nan_energies(step: int, batch) -> None:
-    _record_progress(step, batch)
-    _poison_local_energies()
-    if _in_calls(_count("batch")):
-        _POISONED[:] = [batch]  # every local energy of this step becomes NaN
+    def on_batch(self, trainer, batch) -> None:
+        self.count += 1
+        self.poisoned[:] = [batch] if in_calls(self.count, self.calls) else []
 
 
-def _nan_parameters(step: int, model) -> None:
-    if _in_calls(_count("update")):
-        first = next(model.parameters())
-        first.data.fill_(float("nan"))
+class PoisonParameters(Callback):
+    """Fill the first parameter with NaN after the updates whose call number is in `calls`."""
 
+    def __init__(self, calls: str) -> None:
+        self.calls = calls
+        self.count = 0
 
-def progress() -> dict:
-    """Record the step in NAQS_TEST_PROGRESS."""
-    return {"training_batch": _record_progress}
-
-
-def nan_energies() -> dict:
-    """Make every local energy NaN on the training steps listed in NAQS_TEST_CALLS."""
-    return {"training_batch": _nan_energies}
-
-
-def nan_parameters() -> dict:
-    """Fill a parameter with NaN after the updates listed in NAQS_TEST_CALLS."""
-    return {"after_update": _nan_parameters}
+    def on_update(self, trainer, result) -> None:
+        self.count += 1
+        if in_calls(self.count, self.calls):
+            next(trainer.model.parameters()).data.fill_(float("nan"))

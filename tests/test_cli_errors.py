@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, compose, run_cli
+from conftest import ROOT, TINY_TRAIN, compose, make_trainer, run_cli
 
-from naqs_cli import store, tasks
+from naqs_cli import store
 
 NO_CUDA = not torch.cuda.is_available()
 TINY = TINY_TRAIN
 
 #: (argv, words the one-line message must contain). Placeholders name the files of `files`.
 CASES = [
-    # bullet 1: every key's type and range, and the cross-key rules of DESIGN.md
+    # bullet 1: every key's type and range, and the cross-key rules of `naqs_cli/build.py`
     (["train", "lattice.Lx=0"], ["lattice.Lx=0", ">= 1"]),
     (["train", "-m", "ham.gamma=2,3", "--cfg", "hydra"], ["--cfg and -m", "cannot be combined"]),
     (["train", "lattice.Ly=-3"], ["lattice.Ly=-3", ">= 1"]),
@@ -162,7 +162,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """Write good and bad checkpoints (no training: a fresh model's step-0 checkpoint)."""
     root = tmp_path_factory.mktemp("files")
     good = root / "good"
-    trainer = tasks._Trainer(compose("train", [*TINY, "train.steps=10"]), good)
+    trainer = make_trainer(compose("train", [*TINY, "train.steps=10"]), good)
     assert trainer.save()
     last = good / "checkpoints" / "last.pt"
     data = last.read_bytes()

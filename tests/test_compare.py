@@ -11,18 +11,19 @@ import torch
 from conftest import TINY_TRAIN, compose, run_cli
 from test_train_features import checkpoint_model, exact_values
 
-from naqs_cli import build, tasks
-from naqs_cli.build import ConfigError
+from naqs_cli import tasks, validation
+from naqs_cli.basis import enumerate_basis
 from naqs_cli.compare import principal_components, sampling_verdict
-from naqs_cli.exact import enumerate_basis, model_expectations
+from naqs_cli.errors import ConfigError
+from naqs_cli.exact import model_expectations
 from naqs_cli.hamiltonians import TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models.dense import DenseNAQS
 from naqs_cli.models.symmetry import SymmetrizedWaveFunction
+from naqs_cli.optim import train_step
 from naqs_cli.samplers.direct import DirectSampler
 from naqs_cli.samplers.metropolis import MetropolisSampler
 from naqs_cli.stats import Stats
-from naqs_cli.vmc import train_step
 
 #: Keys every method group of compare_sampling.h5 holds.
 SAMPLING_KEYS = (
@@ -144,18 +145,18 @@ def test_principal_components_are_signed_and_orthonormal():
 def test_presets_compose_for_their_commands():
     for name in ("fig2_tfim", "fig2_tfim_small"):
         cfg = compose("train", [f"experiment={name}"])
-        build.validate(cfg, "train")
+        validation.validate(cfg, "train")
         assert cfg.ham.gamma == 2.0 and cfg.model.symmetry == "spin_flip"
     for name, ks in (("fig3_tfim", [10, 50, 100, 300]), ("fig3_tfim_small", [1, 10])):
         cfg = compose("compare_training", [f"experiment={name}"])
-        build.validate(cfg, "compare_training")
+        validation.validate(cfg, "compare_training")
         assert list(cfg.compare.ks) == ks and cfg.ham.gamma == 3.0
     bad = compose("compare_training", ["ham=heisenberg", "compare.init=up"])
     with pytest.raises(ConfigError, match="compare.init"):
-        build.validate(bad, "compare_training")
+        validation.validate(bad, "compare_training")
     bad = compose("compare_training", ["sampler=mcmc"])
     with pytest.raises(ConfigError, match="sampler=mcmc"):
-        build.validate(bad, "compare_training")
+        validation.validate(bad, "compare_training")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from naqs_cli.exact import basis_index, enumerate_basis
+from naqs_cli.basis import basis_index, enumerate_basis
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models import DenseNAQS, PixelCNN, SymmetrizedWaveFunction
 

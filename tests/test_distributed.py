@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT, TINY_TRAIN, compose
+from conftest import ROOT, TINY_TRAIN, compose, make_trainer
 
-from naqs_cli import build, cli, distributed, store, tasks, vmc
+from naqs_cli import build, cli, distributed, store, vmc
+from naqs_cli.compose import prepare_resume
 from naqs_cli.samplers import Samples
+from naqs_cli.train.checkpoint import resume_world_note
+from naqs_cli.train.loop import Trainer
+from naqs_cli.train.signals import SignalCatcher
 
 WORLD = 2
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -64,9 +68,9 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _run_trainer(cfg, out_dir: Path, checkpoint=None, path=None) -> tasks._Trainer:
-    trainer = tasks._Trainer(cfg, out_dir, checkpoint, path)
-    with tasks._SignalCatcher() as catcher:
+def _run_trainer(cfg, out_dir: Path, checkpoint=None, path=None) -> Trainer:
+    trainer = make_trainer(cfg, out_dir, checkpoint, path)
+    with SignalCatcher() as catcher:
         trainer.run(catcher)  # the loop alone: no final evaluation or plot
     return trainer
 
@@ -126,7 +130,7 @@ def _rank_main(rank: int, ports: tuple[int, int, int], out: str) -> None:
         result["fullsum_share"] = (trainer.sampler.start, trainer.sampler.stop)
         _run_trainer(compose("train", [*DIRECT, "train.steps=4"]), out_dir / "straight")
         _run_trainer(compose("train", [*DIRECT, "train.steps=2"]), out_dir / "split")
-        cfg, path, state = tasks.prepare_resume(str(out_dir / "split"), ["train.steps=4"])
+        cfg, path, state = prepare_resume(str(out_dir / "split"), ["train.steps=4"])
         _run_trainer(cfg, out_dir / "split", state, path)
         trainer = _run_trainer(compose("train", MCMC), out_dir / "mcmc")
         result["mcmc_chains"] = trainer.sampler.x.clone()
@@ -134,12 +138,12 @@ def _rank_main(rank: int, ports: tuple[int, int, int], out: str) -> None:
     finally:
         distributed.shutdown()
     # Last, as torchrun's ranks run it: the CLI joins and leaves the process group itself.
-    os.environ.update(_hook_env(out_dir, write=False))
+    _record_batches(out_dir)
     os.chdir(out_dir / "cli")
     run = out_dir / "cli" / "run"
     os.environ["MASTER_PORT"] = str(ports[1])  # a fresh rendezvous for each new group
     cli.main(["train", *CLI_RUN, f"hydra.run.dir={run}"])
-    batches = Path(f"{os.environ['NAQS_TEST_BATCHES']}.{rank}")
+    batches = out_dir / f"batches.{rank}"
     batches.rename(f"{batches}.first")
     os.environ["MASTER_PORT"] = str(ports[2])
     cli.main(["train", f"resume={run}", "train.steps=6"])
@@ -155,7 +159,6 @@ def _start_ranks(function, args: tuple) -> None:
 def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ranks")
     (out / "cli").mkdir()
-    _hook_env(out)
     _start_ranks(_rank_main, (tuple(_free_ports(3)), str(out)))
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -238,14 +241,14 @@ def test_resume_on_one_rank_reshares_chains(two_ranks, tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     for name in ("checkpoints/last.pt", "history.h5"):
         (run / name).write_bytes((out / "mcmc" / name).read_bytes())
-    cfg, path, state = tasks.prepare_resume(str(run), ["train.steps=3"])
-    trainer = tasks._Trainer(cfg, run, state, path)
+    cfg, path, state = prepare_resume(str(run), ["train.steps=3"])
+    trainer = make_trainer(cfg, run, state, path)
     chains = torch.cat([r["mcmc_chains"] for r in results])
     assert trainer.sampler.n_chains == 4 and torch.equal(trainer.sampler.x, chains)
     assert not trainer.sampler.needs_burn_in
-    note = tasks.resume_world_note(2, 1)
+    note = resume_world_note(2, 1)
     assert "2 rank(s)" in note and "continues on 1" in note
-    with tasks._SignalCatcher() as catcher:
+    with SignalCatcher() as catcher:
         trainer.run(catcher)
     assert store.load_checkpoint(run)["world_size"] == 1
     assert list(store.read_history(run / "history.h5")["step"]) == [0, 1, 2]
@@ -255,30 +258,14 @@ def test_resume_on_one_rank_reshares_chains(two_ranks, tmp_path):
 #: A 2-rank CLI run: 8 samples per step, 4 per rank.
 CLI_RUN = [*TINY_TRAIN, "train.steps=4", "train.log_every=2", "train.checkpoint_every=2"]
 CLI_RUN += ["train.final_samples=32"]
-HOOKS = """
-import os
+HOOKED_CLI = ROOT / "tests" / "hooked_cli.py"
 
 
-def hooks():
-    def record(step, batch):
-        path = os.environ["NAQS_TEST_BATCHES"] + "." + os.environ.get("RANK", "0")
-        with open(path, "a") as f:
-            f.write(f"{step} {batch.n_samples}\\n")
+def _record_batches(directory: Path) -> None:
+    """Make this process record each sampled batch's (step, size) in directory/batches.RANK."""
+    import hooks
 
-    return {"training_batch": record}
-"""
-
-
-def _hook_env(directory: Path, write: bool = True) -> dict[str, str]:
-    """Environment that makes every rank record (step, batch size) in directory/batches.RANK.
-
-    Args:
-        write: write directory/hooks.py (once, before the ranks start).
-    """
-    hooks = directory / "hooks.py"
-    if write:
-        hooks.write_text(HOOKS)
-    return {"NAQS_TEST_HOOKS": f"{hooks}:hooks", "NAQS_TEST_BATCHES": str(directory / "batches")}
+    hooks.add_callbacks(hooks.RecordBatches(directory / "batches"))
 
 
 def _batches(path: Path) -> list[tuple[int, int]]:
@@ -318,10 +305,10 @@ def test_cli_on_two_ranks_writes_one_run_and_resumes(two_ranks):
 @pytest.mark.slow
 def test_torchrun_trains_on_two_processes(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **_hook_env(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NAQS_TEST_BATCHES": str(tmp_path / "batches")}
     env.pop("HYDRA_FULL_ERROR", None)
-    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}", "-m", "naqs_cli"]
-    command += ["train", *CLI_RUN, f"hydra.run.dir={run}"]
+    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}", str(HOOKED_CLI)]
+    command += ["batches", "train", *CLI_RUN, f"hydra.run.dir={run}"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("naqs train:") == 1, "rank 0 alone prints the summary"
@@ -329,7 +316,7 @@ def test_torchrun_trains_on_two_processes(tmp_path):
         assert _batches(tmp_path / f"batches.{rank}") == [(step, 4) for step in range(4)]
     _check_run(run, 4)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["batches.0", "batches.1", "hooks.py", "run"], "rank 1 wrote nothing"
+    assert names == ["batches.0", "batches.1", "run"], "rank 1 wrote nothing"
 
 
 def test_user_errors_under_torchrun_are_one_line_on_rank_0(tmp_path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ def test_basis_round_trip() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Reference energies (STYLE.md table and the TFIM 4x4 value)
+# Reference energies (published exact values and the TFIM 4x4 value)
 
 
 @pytest.mark.parametrize(

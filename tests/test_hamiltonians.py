@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from naqs_cli.exact import basis_index, enumerate_basis
+from naqs_cli.basis import basis_index, enumerate_basis
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 

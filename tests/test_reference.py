@@ -9,7 +9,7 @@ import math
 import pytest
 from conftest import compose
 
-from naqs_cli import build, exact, reference
+from naqs_cli import build, exact, reference, validation
 from naqs_cli.errors import ConfigError
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
@@ -314,19 +314,19 @@ def test_relative_error():
 
 def test_literature_from_the_table1_config():
     cfg = compose("train", ["experiment=table1_tfim"])
-    literature = LiteratureReference.from_config(cfg.reference)
+    literature = build.build_literature(cfg)
+    assert isinstance(literature, LiteratureReference)
     assert literature.source.startswith("QMC")
     assert literature.energy is None
     assert literature.table[2][:2] == (3.0, -3.17388)
-    assert LiteratureReference.from_config(None) is None
 
 
 def test_exact_reference_key_is_validated():
     cfg = compose("train", ["train.exact_reference=never"])
-    build.validate(cfg, "train")
+    validation.validate(cfg, "train")
     cfg = compose("train", ["train.exact_reference=sometimes"])
     with pytest.raises(ConfigError, match=r"train.exact_reference=sometimes: allowed: auto \|"):
-        build.validate(cfg, "train")
+        validation.validate(cfg, "train")
 
 
 def test_the_test_session_never_uses_the_users_cache(tmp_path_factory):

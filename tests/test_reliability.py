@@ -1,7 +1,7 @@
 """Interruption, kills, non-finite numbers and failed writes, through the real CLI.
 
 Slow or failing writes and NaNs come from tests/hooked_cli.py, which patches the write
-functions of `naqs_cli.store` (and selects the training-step hooks of tests/hooks.py) before
+functions of `naqs_cli.store` (and adds the training-loop test callbacks of tests/hooks.py) before
 it runs the CLI; production code has no sleeps. Every subprocess costs a few seconds of
 imports, so each test strings several runs together on one run directory.
 """
@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 
 import h5py
+import hooks
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, compose, run_cli
+from conftest import ROOT, TINY_TRAIN, compose, make_trainer, run_cli
 
-from naqs_cli import store, tasks
+from naqs_cli import store
+from naqs_cli.train import callbacks as callbacks_module
+from naqs_cli.train.signals import SignalCatcher
 
-HOOKS = str(ROOT / "tests" / "hooks.py")
 #: Runs the CLI with the patches of a hookset: python tests/hooked_cli.py HOOKSET ARGS...
 HOOKED_CLI = str(ROOT / "tests" / "hooked_cli.py")
 TINY = [*TINY_TRAIN, "train.final_samples=0"]
@@ -38,16 +40,10 @@ def _params(**values: object) -> dict[str, str]:
     return env
 
 
-def _env(hooks: str, **values: object) -> dict[str, str]:
-    """Return the environment that selects the training-step hooks `hooks` of tests/hooks.py."""
-    return {"NAQS_TEST_HOOKS": f"{HOOKS}:{hooks}", **_params(**values)}
-
-
 def _spawn(hookset: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
     """Start `naqs ARGS` with the patches of `hookset` (see tests/hooked_cli.py)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    full_env.pop("NAQS_TEST_HOOKS", None)
     return subprocess.Popen(
         [sys.executable, HOOKED_CLI, hookset, *args],
         cwd=ROOT,
@@ -170,7 +166,7 @@ def test_kills_and_signals_then_resume_without_duplicates(tmp_path):
 
 
 def test_second_signal_waits_for_a_write_in_progress():
-    with tasks._SignalCatcher() as catcher:
+    with SignalCatcher() as catcher:
         os.kill(os.getpid(), signal.SIGINT)
         assert catcher.signal_name == "SIGINT" and catcher.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt), catcher.critical():
@@ -189,7 +185,7 @@ def test_nan_energies_roll_back_then_persistent_nan_stops(tmp_path):
     args += ["train.max_nonfinite=3", "train.max_rollbacks=2", f"hydra.run.dir={run}"]
     # Steps 5-7 fail: back to step 4 at half the lr, recovered by step 8 (checkpoint); from
     # step 9 on everything fails: back to 8 twice, then a clear stop.
-    proc = run_cli("train", *args, env=_env("nan_energies", calls="6-8,14-"))
+    proc = _run_hooked("nan_energies", "train", *args, env=_params(calls="6-8,14-"))
     assert proc.returncode == 3, proc.stderr
     line = _one_line(proc.stderr)
     assert "training diverged at step 10 (3 non-finite steps in a row)" in line, line
@@ -209,11 +205,12 @@ def test_nan_energies_roll_back_then_persistent_nan_stops(tmp_path):
 
 
 def test_nan_parameters_are_never_saved(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAQS_TEST_HOOKS", f"{HOOKS}:nan_parameters")
-    monkeypatch.setenv("NAQS_TEST_CALLS", "3,7")
+    defaults = callbacks_module.default_callbacks
+    poison = hooks.PoisonParameters("3,7")
+    monkeypatch.setattr(callbacks_module, "default_callbacks", lambda: [*defaults(), poison])
     overrides = [*TINY, "train.steps=8", "train.log_every=1", "train.checkpoint_every=2"]
-    trainer = tasks._Trainer(compose("train", overrides), tmp_path)
-    with tasks._SignalCatcher() as catcher:
+    trainer = make_trainer(compose("train", overrides), tmp_path)
+    with SignalCatcher() as catcher:
         trainer.run(catcher)  # the loop alone: no final evaluation or plot
     state = store.load_checkpoint(tmp_path)
     assert state["step"] == 8 and state["scheduler"]["lr_scale"] == 0.25
@@ -225,7 +222,7 @@ def test_nan_parameters_are_never_saved(tmp_path, monkeypatch):
 
 def test_save_refuses_non_finite_state(tmp_path):
     cfg = compose("train", [*TINY, "train.steps=1"])
-    trainer = tasks._Trainer(cfg, tmp_path)
+    trainer = make_trainer(cfg, tmp_path)
     assert trainer.save() and trainer.saved_step == 0
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("inf"))

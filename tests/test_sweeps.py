@@ -9,13 +9,12 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import ROOT, TINY_TRAIN, run_cli
+from conftest import ROOT, TINY_TRAIN, compose, run_cli
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from naqs_cli import CONF_DIR, cli
+from naqs_cli import cli
 from naqs_cli.callbacks import SweepSummary
-from naqs_cli.config import register_configs
 
 #: The tiny config, as short as a run can be: 2 steps, a 64-sample final evaluation.
 SWEEP_JOB = [*TINY_TRAIN, "train.steps=2", "train.final_samples=64"]
@@ -23,13 +22,7 @@ SWEEP_JOB = [*TINY_TRAIN, "train.steps=2", "train.final_samples=64"]
 
 def _compose_hydra(overrides: list[str]):
     """Compose `train` with its `hydra` node (where the launcher lives)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return compose("train", overrides, return_hydra_config=True)
 
 
 def _check_sweep(sweep: Path) -> None:

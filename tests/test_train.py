@@ -13,7 +13,10 @@ from conftest import compose, run_cli
 from omegaconf import OmegaConf
 
 from naqs_cli import build, store, tasks
-from naqs_cli.exact import enumerate_basis, ground_state, model_expectations
+from naqs_cli.basis import enumerate_basis
+from naqs_cli.errors import ConfigError
+from naqs_cli.exact import ground_state, model_expectations
+from naqs_cli.models import unwrap
 
 TINY = [
     "lattice.Lx=2",
@@ -35,7 +38,7 @@ def _enumerated_energy(checkpoint: Path) -> tuple[float, float]:
     lattice = build.build_lattice(cfg)
     hamiltonian = build.build_hamiltonian(cfg, lattice)
     model = build.build_model(cfg, lattice)
-    build.unwrap(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     with torch.no_grad():
         log_psi = model.log_psi(enumerate_basis(lattice.n_sites))
     energy = model_expectations(log_psi, hamiltonian)["energy"]
@@ -109,7 +112,7 @@ def test_resume_equals_straight_run(tmp_path):
 def test_resume_refuses_a_different_model(tmp_path):
     tasks.train(compose("train", [*TINY, "train.steps=3"]), tmp_path)
     overrides = [f"resume={tmp_path}", "model.channels=8"]
-    with pytest.raises(build.ConfigError, match="model.channels"):
+    with pytest.raises(ConfigError, match="model.channels"):
         tasks.train(compose("train", [*TINY, *overrides]), tmp_path, overrides)
 
 

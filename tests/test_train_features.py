@@ -17,7 +17,8 @@ import torch
 from conftest import TINY_TRAIN, compose
 
 from naqs_cli import store, tasks
-from naqs_cli.exact import enumerate_basis, model_expectations
+from naqs_cli.basis import enumerate_basis
+from naqs_cli.exact import model_expectations
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models import DenseNAQS, PixelCNN, SymmetrizedWaveFunction

@@ -1,14 +1,22 @@
-"""Fuzz the `train` overrides in-process with hypothesis, through the CLI's own check.
+"""Fuzz the overrides in-process with hypothesis, through the CLI's own check.
 
 `cli.check_overrides` is exactly what `naqs` runs before Hydra starts (composition with type
-checking, `build.validate`, checkpoints named by the config); it returns the one-line message
+checking, `validation.validate`, checkpoints named by the config); it returns the one-line message
 the CLI prints with exit code 2, or None. Random values of the right and wrong types must give
 one or the other, never an exception; consistent valid configs must all pass and build.
+
+The default suite is deterministic: every fuzz test there is derandomized (the same examples on
+every run, no example database) and a fixed list of explicit examples covers each kind of bad
+input the strategies draw. `make validate` runs the same properties on many new random examples
+(`NAQS_FUZZ_EXAMPLES` per test, default 500); a failure there prints the example to add to the
+fixed list.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +26,27 @@ from hypothesis import strategies as st
 from naqs_cli import build
 from naqs_cli.cli import check_overrides
 from naqs_cli.lattice import SquareLattice
+from naqs_cli.reference import find_reference
 
-FUZZ = settings(
-    max_examples=40,
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
+#: Default suite: the same examples on every run (a seed derived from the test's name).
+FIXED = settings(
+    derandomize=True,
+    database=None,
+    max_examples=12,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=_HEALTH,
 )
+#: `make validate`: new random examples every run.
+LONG = settings(
+    derandomize=False,
+    database=None,
+    max_examples=int(os.environ.get("NAQS_FUZZ_EXAMPLES", "500")),
+    deadline=None,
+    suppress_health_check=_HEALTH,
+)
+#: A finished 2×2 TFIM run (checkpoint + history), read only.
+OLD_RUN = Path(__file__).resolve().parent / "fixtures" / "old_run"
 
 #: Values of the wrong type (or shape) for most keys, as typed on a command line.
 WRONG = [
@@ -44,6 +67,8 @@ WRONG = [
     "'3'",
     "x=y",
     "${oops}",
+    "a,b",
+    "[]",
 ]
 
 
@@ -57,6 +82,22 @@ def _ints(low: int, high: int) -> st.SearchStrategy[str]:
 
 def _floats(**kwargs) -> st.SearchStrategy[str]:
     return st.floats(**kwargs).map(_number)
+
+
+def _hydra_list(items: list[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+@st.composite
+def _stage(draw) -> str:
+    """One `train.stages` entry, its fields in or out of range, some left out."""
+    fields = {
+        "steps": draw(_ints(-2, 50)),
+        "n_samples": draw(_ints(-2, 300)),
+        "lr": draw(_floats(allow_nan=True, allow_infinity=True)),
+    }
+    kept = draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=3))
+    return "{" + ",".join(f"{key}:{fields[key]}" for key in sorted(kept)) + "}"
 
 
 #: key -> values of the right type, in and out of range (lattice sizes stay small: a valid
@@ -98,6 +139,16 @@ RIGHT_TYPE = {
     "train.best_smoothing": _ints(-1, 50),
     "train.max_nonfinite": _ints(-1, 10),
     "train.max_rollbacks": _ints(-1, 10),
+    "train.stages": st.one_of(st.just("null"), st.lists(_stage(), max_size=3).map(_hydra_list)),
+    "train.init_from": st.sampled_from(["null", str(OLD_RUN), "no/such/run"]),
+    "train.exact_reference": st.sampled_from(["auto", "never", "always"]),
+    "train.time_budget": st.one_of(st.just("null"), _floats(allow_nan=True, allow_infinity=True)),
+    "reference.energy": st.one_of(st.just("null"), _floats(allow_nan=True, allow_infinity=True)),
+    "reference.table": st.one_of(
+        st.just("null"),
+        st.lists(st.lists(st.floats(-5, 5), max_size=6).map(str), max_size=3).map(_hydra_list),
+    ),
+    "resume": st.sampled_from(["null", "no/such/run"]),
     "seed": _ints(-(2**64), 2**64),
     "device": st.sampled_from(["cpu", "auto", "cuda", "tpu"]),
     "dtype": st.sampled_from(["float32", "float64", "float16"]),
@@ -108,14 +159,24 @@ GROUPS = {
     "model": ["pixelcnn", "dense"],
     "sampler": ["direct", "mcmc", "fullsum"],
     "optim": ["adam", "sgd"],
+    "experiment": ["smoke", "fig2_tfim_small", "fig3_tfim_small"],
 }
+#: Values that are not one option name of a group.
+BAD_GROUP_VALUES = ["null", "nosuch", "1", "[1,2]", "[]", "{a: 1}", "direct,mcmc", "x=y"]
+
+
+def _assert_one_line(message: str | None, overrides: list[str]) -> None:
+    """The check gave None or one non-empty line (what the CLI prints before exit 2)."""
+    if message is not None:
+        assert isinstance(message, str) and message.strip(), overrides
+        assert "\n" not in message and "Traceback" not in message, message
 
 
 @st.composite
 def mixed_overrides(draw) -> list[str]:
     """Group choices plus random keys, each with a right-type or a wrong-type value."""
     overrides = [
-        f"{group}={draw(st.sampled_from([*options, *options, 'null', 'nosuch', '1']))}"
+        f"{group}={draw(st.sampled_from([*options, *options, *BAD_GROUP_VALUES]))}"
         for group, options in GROUPS.items()
         if draw(st.booleans())
     ]
@@ -127,14 +188,130 @@ def mixed_overrides(draw) -> list[str]:
     return overrides
 
 
-@FUZZ
-@given(mixed_overrides())
-def test_random_overrides_give_one_line_or_pass(overrides):
+def _build_accepted(overrides: list[str]) -> None:
+    """Build what a run builds from an accepted config (a reference table lookup included)."""
+    from conftest import compose
+
+    cfg = compose("train", overrides)
+    lattice = build.build_lattice(cfg)
+    hamiltonian = build.build_hamiltonian(cfg, lattice)
+    model = build.build_model(cfg, lattice)
+    build.build_sampler(cfg, hamiltonian, torch.device("cpu"), int(cfg.seed))
+    build.build_update_rule(cfg, model)
+    find_reference(hamiltonian, build.build_literature(cfg), "never")
+
+
+def _check_mixed(overrides: list[str]) -> None:
     torch.set_num_threads(1)
     message = check_overrides("train", overrides)
-    if message is not None:
-        assert isinstance(message, str) and message.strip(), overrides
-        assert "\n" not in message and "Traceback" not in message, message
+    _assert_one_line(message, overrides)
+    if message is None:
+        _build_accepted(overrides)
+
+
+@FIXED
+@given(mixed_overrides())
+def test_random_overrides_give_one_line_or_pass(overrides):
+    _check_mixed(overrides)
+
+
+@pytest.mark.slow
+@LONG
+@given(mixed_overrides())
+def test_random_overrides_give_one_line_or_pass_long(overrides):
+    _check_mixed(overrides)
+
+
+#: One fixed example of each kind of bad input `mixed_overrides` draws: every wrong-type
+#: value, every bad group value, and out-of-range values of the right type. Each must be
+#: refused in one line that names the key.
+BAD_EXAMPLES = [
+    # wrong-type values (WRONG), on keys of each type
+    ["lattice.Lx=abc"],
+    ["ham.gamma=''"],
+    ["model.layers=null"],
+    ["model.channels=true"],
+    ["lattice.Ly=1.5"],
+    ["sampler.n_samples=-1"],
+    ["train.steps=-1"],
+    ["lattice.pbc=[1,2]"],
+    ["optim.lr={a: 1}"],
+    ["optim.lr=inf"],
+    ["ham.gamma=-inf"],
+    ["ham.J=nan"],
+    ["optim.momentum=1e999"],
+    ["sampler.n_chains=99999999999999999999999"],
+    ["device='3'"],
+    ["dtype=x=y"],
+    ["model.symmetry=${oops}"],
+    ["ham.sign_rule=a,b"],
+    ["optim.betas=[]"],
+    ["seed=abc"],
+    ["model.total_sz=[1,2]"],
+    ["optim.grad_clip=abc"],
+    ["train.final_symmetry=[1,2]"],
+    ["train.stages=[{steps: 1}]"],
+    ["reference.table=[[1,2]"],
+    # bad group values (BAD_GROUP_VALUES), on each group
+    ["lattice=null"],
+    ["ham=nosuch"],
+    ["model=1"],
+    ["sampler=[1,2]"],
+    ["optim=[]"],
+    ["experiment={a: 1}"],
+    ["sampler=direct,mcmc"],
+    ["lattice=x=y"],
+    ["experiment=fig3_tfim_small"],  # a `compare training` preset
+    # right type, out of range or not an allowed choice
+    ["lattice.Lx=-2"],
+    ["lattice.Ly=0"],
+    ["ham.sign_rule=maybe"],
+    ["model.layers=0"],
+    ["model.kernel_size=-1"],
+    ["model.total_sz=0.3"],
+    ["model.symmetry=x"],
+    ["sampler.method=magic"],
+    ["sampler=mcmc", "sampler.init=left"],
+    ["sampler=mcmc", "sampler.move=teleport"],
+    ["sampler=mcmc", "sampler.burn_in=-3"],
+    ["optim.lr=0.0"],
+    ["optim.betas=[0.9]"],
+    ["optim.betas=[-1.0, 2.0]"],
+    ["optim.schedule=linear"],
+    ["optim=sgd", "optim.momentum=-1.0"],
+    ["optim.grad_clip=-1.0"],
+    ["train.chunk_size=0"],
+    ["train.final_symmetry=y"],
+    ["seed=-1"],
+    ["seed=18446744073709551616"],
+    ["device=tpu"],
+    ["dtype=float16"],
+    ["train.stages=[]"],
+    ["train.stages=[{steps: 5, n_samples: 8, lr: nan}]"],
+    ["train.time_budget=0.0"],
+    ["train.exact_reference=always"],
+    ["train.init_from=no/such/run"],
+    ["train.init_from=" + str(OLD_RUN), "model.layers=3"],
+    ["resume=no/such/run"],
+    ["reference.energy=nan"],
+    ["reference.table=[[]]"],  # accepted once, then IndexError at the end of the run
+    ["reference.table=[[3.0]]"],
+    ["reference.table=[[3.0, -3.2], [1.0, inf]]"],
+]
+
+
+def _names_key(message: str, override: str) -> bool:
+    """Whether `message` names the override's key (or its group, for a group override)."""
+    key = override.split("=", 1)[0]
+    return key in message or key.split(".", 1)[0] + "=" in message
+
+
+@pytest.mark.parametrize("overrides", BAD_EXAMPLES, ids=" ".join)
+def test_each_kind_of_bad_input_is_one_line_naming_the_key(overrides):
+    message = check_overrides("train", overrides)
+    assert message is not None, overrides
+    _assert_one_line(message, overrides)
+    assert _names_key(message, overrides[-1]), message
 
 
 @st.composite
@@ -186,19 +363,23 @@ def valid_overrides(draw) -> list[str]:
     return out
 
 
-@settings(FUZZ, max_examples=15)
-@given(valid_overrides())
-def test_valid_overrides_pass_and_build(overrides):
-    from conftest import compose
-
+def _check_valid(overrides: list[str]) -> None:
     torch.set_num_threads(1)
     assert check_overrides("train", overrides) is None, overrides
-    cfg = compose("train", overrides)
-    lattice = build.build_lattice(cfg)
-    hamiltonian = build.build_hamiltonian(cfg, lattice)
-    model = build.build_model(cfg, lattice)
-    build.build_sampler(cfg, hamiltonian, torch.device("cpu"), int(cfg.seed))
-    build.build_optimizer(cfg, model)
+    _build_accepted(overrides)
+
+
+@settings(FIXED, max_examples=6)
+@given(valid_overrides())
+def test_valid_overrides_pass_and_build(overrides):
+    _check_valid(overrides)
+
+
+@pytest.mark.slow
+@settings(LONG, max_examples=max(1, LONG.max_examples // 4))
+@given(valid_overrides())
+def test_valid_overrides_pass_and_build_long(overrides):
+    _check_valid(overrides)
 
 
 @pytest.mark.parametrize(
@@ -209,28 +390,16 @@ def test_valid_overrides_pass_and_build(overrides):
         ["ham.gamma=0", "model.total_sz=1", "sampler=mcmc"],
         ["lattice=chain", "lattice.Lx=10", "lattice.pbc=true", "sampler=fullsum"],
         ["ham=heisenberg", "ham.J=-1", "model.phase=false", "ham.sign_rule=false"],
+        ["experiment=smoke", "sampler=mcmc"],
     ],
 )
 def test_known_good_configs_pass(overrides):
     assert check_overrides("train", overrides) is None
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A step-0 checkpoint of a 2x2 TFIM PixelCNN (no training)."""
-    from conftest import compose
-
-    from naqs_cli import tasks
-
-    run = tmp_path_factory.mktemp("fuzz_run")
-    cfg = compose("train", ["lattice.Lx=2", "lattice.Ly=2", "model.channels=2", "device=cpu"])
-    assert tasks._Trainer(cfg, run).save()
-    return run / "checkpoints" / "last.pt"
-
-
 EVALUATE_VALUES = {
     "n_samples": _ints(-2, 10**6),
-    "sampler": st.sampled_from(["direct", "mcmc", "fullsum", "gibbs"]),
+    "sampler": st.sampled_from(["direct", "mcmc", "fullsum", "gibbs", *BAD_GROUP_VALUES]),
     "model.symmetry": st.sampled_from(["null", "none", "spin_flip", "lattice", "z"]),
     "device": st.sampled_from(["null", "cpu", "auto", "cuda", "tpu"]),
     "dtype": st.sampled_from(["null", "float32", "float64", "int8"]),
@@ -240,20 +409,65 @@ EVALUATE_VALUES = {
     "model.layers": _ints(1, 3),
     "train.steps": _ints(1, 10),
 }
+#: Keys evaluate refuses whatever their value.
+NOT_EVALUATE_KEYS = {"lattice.Lx", "model.layers", "train.steps"}
 
 
-@settings(FUZZ, max_examples=15)
-@given(st.data())
-def test_random_evaluate_overrides_give_one_line_or_pass(checkpoint, data):
-    torch.set_num_threads(1)
-    keys = data.draw(st.lists(st.sampled_from(sorted(EVALUATE_VALUES)), max_size=4, unique=True))
-    overrides = [f"checkpoint={checkpoint}"]
+@st.composite
+def evaluate_overrides(draw) -> list[str]:
+    """`evaluate` overrides of the fixture run: random keys, right- or wrong-type values."""
+    keys = draw(st.lists(st.sampled_from(sorted(EVALUATE_VALUES)), max_size=4, unique=True))
+    overrides = [f"checkpoint={OLD_RUN}"]
     for key in keys:
-        wrong = data.draw(st.integers(0, 3)) == 0
-        value = data.draw(st.sampled_from(WRONG) if wrong else EVALUATE_VALUES[key])
+        wrong = draw(st.integers(0, 3)) == 0
+        value = draw(st.sampled_from(WRONG) if wrong else EVALUATE_VALUES[key])
         overrides.append(f"{key}={value}")
+    return overrides
+
+
+def _check_evaluate(overrides: list[str]) -> None:
+    torch.set_num_threads(1)
     message = check_overrides("evaluate", overrides)
-    if message is not None:
-        assert message.strip() and "\n" not in message, message
-    if {"lattice.Lx", "model.layers", "train.steps"} & set(keys):
+    _assert_one_line(message, overrides)
+    if NOT_EVALUATE_KEYS & {o.split("=", 1)[0] for o in overrides}:
         assert message is not None, overrides
+
+
+@settings(FIXED, max_examples=6)
+@given(evaluate_overrides())
+def test_random_evaluate_overrides_give_one_line_or_pass(overrides):
+    _check_evaluate(overrides)
+
+
+@pytest.mark.slow
+@settings(LONG, max_examples=max(1, LONG.max_examples // 2))
+@given(evaluate_overrides())
+def test_random_evaluate_overrides_give_one_line_or_pass_long(overrides):
+    _check_evaluate(overrides)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sampler=[1,2]",
+        "sampler=[]",
+        "sampler={a: 1}",
+        "sampler=null",
+        "sampler=gibbs",
+        "sampler=direct,mcmc",
+        "n_samples=abc",
+        "n_samples=-2",
+        "model.symmetry=z",
+        "device=tpu",
+        "dtype=int8",
+        "seed=-5",
+        "chunk_size=0",
+        "lattice.Lx=2",
+        "train.steps=[1,2]",
+    ],
+)
+def test_each_kind_of_bad_evaluate_input_is_one_line_naming_the_key(override):
+    message = check_overrides("evaluate", [f"checkpoint={OLD_RUN}", override])
+    assert message is not None, override
+    _assert_one_line(message, [override])
+    assert _names_key(message, override), message

@@ -16,7 +16,9 @@ from conftest import compose
 from omegaconf import OmegaConf
 
 from naqs_cli import build, store, tasks
-from naqs_cli.exact import enumerate_basis, ground_state, model_expectations
+from naqs_cli.basis import enumerate_basis
+from naqs_cli.exact import ground_state, model_expectations
+from naqs_cli.models import unwrap
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,7 @@ def _train_and_enumerate(tmp_path, overrides: list[str]) -> tuple[dict, object, 
     hamiltonian = build.build_hamiltonian(cfg, lattice)
     model = build.build_model(cfg, lattice, dtype=torch.float64)
     weights = {k: v.double() if v.is_floating_point() else v for k, v in state["model"].items()}
-    build.unwrap(model).load_state_dict(weights)
+    unwrap(model).load_state_dict(weights)
     with torch.no_grad():
         log_psi = model.log_psi(enumerate_basis(lattice.n_sites))
     return model_expectations(log_psi, hamiltonian), ground_state(hamiltonian), cpu_seconds

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from naqs_cli import vmc
-from naqs_cli.exact import enumerate_basis
+from naqs_cli.basis import enumerate_basis
 from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
 from naqs_cli.lattice import SquareLattice
 from naqs_cli.models.dense import DenseNAQS
 from naqs_cli.models.pixelcnn import PixelCNN
 from naqs_cli.models.symmetry import SymmetrizedWaveFunction
+from naqs_cli.optim import train_step
 from naqs_cli.samplers import Samples
 from naqs_cli.samplers.direct import DirectSampler
 from naqs_cli.samplers.fullsum import FullSumSampler
-from naqs_cli.vmc import backward_chunk, local_energy, train_step, vmc_gradient
+from naqs_cli.vmc import backward_chunk, local_energy, vmc_gradient
 
 
 def _randomize(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -71,16 +72,27 @@ def test_fullsum_step_gradient_is_exact(shape, kind):
     )
 
 
-def test_local_energy_paths_agree_and_are_real_for_real_states():
+@pytest.mark.parametrize("phase", [True, False])
+def test_local_energy_paths_agree_and_are_real_for_real_states(phase):
+    """Sparse-matrix and connected-element local energies agree; with a real wave function
+    (phase=false) and a real Hamiltonian they are exactly real, with a phase they are not."""
     lattice = SquareLattice(2, 3)
-    hamiltonian = Heisenberg(lattice=lattice, J=1.0, sign_rule="false")
-    model = _models(lattice)["pixelcnn"]
+    hamiltonian = Heisenberg(lattice=lattice, J=1.0, sign_rule="true" if not phase else "false")
+    torch.manual_seed(0)
+    model = _randomize(
+        PixelCNN(lattice=lattice, layers=2, channels=4, phase=phase).double(), 0.3, 1
+    )
     full = FullSumSampler(hamiltonian=hamiltonian).sample(model)
     sampled = Samples(x=full.x, log_psi=full.log_psi)
     via_sparse = local_energy(model, hamiltonian, full)
     via_conn = local_energy(model, hamiltonian, sampled)
     torch.testing.assert_close(via_sparse.total, via_conn.total, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(via_sparse.off_diagonal, via_conn.off_diagonal, atol=1e-9, rtol=1e-9)
+    for e_loc in (via_sparse, via_conn):
+        if phase:
+            assert e_loc.total.imag.abs().max() > 1e-3, "a phased state has complex E_loc"
+        else:
+            assert (e_loc.total.imag == 0).all() and (e_loc.off_diagonal.imag == 0).all()
 
 
 def _group_gradients(model, hamiltonian, batch_size, n_batches, n_groups, seed):

@@ -5,6 +5,12 @@ from naqs_cli.models.dense import DenseNAQS
 from naqs_cli.models.pixelcnn import PixelCNN
 from naqs_cli.models.symmetry import SYMMETRIES, SymmetrizedWaveFunction, symmetry_group
 
+
+def unwrap(model):
+    """Return the autoregressive network inside a symmetrized wrapper (or the model itself)."""
+    return getattr(model, "base", model)
+
+
 __all__ = [
     "SYMMETRIES",
     "AutoregressiveWaveFunction",
@@ -12,4 +18,5 @@ __all__ = [
     "PixelCNN",
     "SymmetrizedWaveFunction",
     "symmetry_group",
+    "unwrap",
 ]

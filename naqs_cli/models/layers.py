@@ -102,20 +102,6 @@ class TwoStreamCausalLayer(nn.Module):
         self.to_b = WeightNormConv2d(channels, self.channels_b, (1, 1))
         self.out = WeightNormConv2d(channels, channels, (k, k))
 
-    def forward(self, vertical: Tensor, horizontal: Tensor) -> tuple[Tensor, Tensor]:
-        """Apply the layer.
-
-        Args:
-            vertical: (B, C_in, Ly, Lx) vertical stream V.
-            horizontal: (B, C_in, Ly, Lx) horizontal stream H.
-
-        Returns:
-            V' (B, C, Ly − 1, Lx) (its last row feeds nothing) and H' (B, C, Ly, Lx), before
-            activation.
-        """
-        v, out, _ = self.forward_rows(vertical, horizontal)
-        return v, out
-
     def forward_rows(
         self,
         vertical: Tensor,
@@ -211,10 +197,6 @@ class LayerHalo:
             relu_v=self.relu_v[index, :, row : row + 1],
             ab=self.ab[index, :, row : row + p],
         )
-
-    def select(self, index: Tensor) -> LayerHalo:
-        """Return the halos of the samples `index` (all rows)."""
-        return LayerHalo(self.vertical[index], self.relu_v[index], self.ab[index])
 
 
 class MaskedLinear(nn.Linear):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from naqs_cli import distributed
-from naqs_cli.exact import enumerate_basis
+from naqs_cli.basis import enumerate_basis
 from naqs_cli.limits import FULLSUM_MAX_SITES
 from naqs_cli.samplers import BasisPart, Samples
 

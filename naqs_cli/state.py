@@ -1,0 +1,95 @@
+"""The variational state: a wave function, its sampler and the Hamiltonian, as one object.
+
+This is the seam between the physics layer (models, samplers, Hamiltonians, `vmc`) and the
+training code: the loop and the update rules see only these methods, never the config.
+
+- `sample(n)` draws this rank's share of a batch (i.i.d., Markov chains, or the whole basis
+  with |Ψ|² weights: the full-sum state is the same interface, its batches carry weights);
+- `local_energy(batch)` returns E_loc(x) = Σ_x' H_xx' Ψ(x')/Ψ(x);
+- `expect(batch, e_loc)` returns every observable per site with its statistics;
+- `expect_and_grad(batch, e_loc)` accumulates the Eq. 4 gradient
+  2 Re⟨(E_loc − Ē)* ∂ ln Ψ⟩ into the parameters' `.grad` (all-reduced over ranks) and returns Ē.
+
+Per-sample log-derivatives O_k(x) = ∂ ln Ψ(x)/∂θ_k (for natural-gradient rules) belong here
+too, computed in memory-bounded chunks of `chunk_size` samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from naqs_cli import distributed, vmc
+from naqs_cli.samplers import Samples
+
+
+class VariationalState:
+    """A wave function with its sampler and Hamiltonian.
+
+    Args:
+        model: the autoregressive wave function (possibly symmetrized).
+        sampler: this rank's sampler (`direct`, `mcmc` or `fullsum`).
+        hamiltonian: the Hamiltonian whose ground state is sought.
+        chunk_size: samples per network pass in local energies and per backward pass.
+        n_chains: Markov chains over all ranks (mcmc), for τ and R̂; None otherwise.
+        world_size: number of data-parallel ranks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampler,
+        hamiltonian,
+        *,
+        chunk_size: int = 1024,
+        n_chains: int | None = None,
+        world_size: int = 1,
+    ) -> None:
+        self.model = model
+        self.sampler = sampler
+        self.hamiltonian = hamiltonian
+        self.chunk_size = chunk_size
+        self.n_chains = n_chains
+        self.world_size = world_size
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Return the trainable parameters."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sample(self, n_samples: int) -> Samples:
+        """Draw this rank's `n_samples` configurations (fullsum: the basis, any n)."""
+        return self.sampler.sample(self.model, n_samples)
+
+    def local_energy(self, batch: Samples) -> vmc.LocalEnergy:
+        """Return the local energies of a batch (also of one rank's share of a full basis)."""
+        return vmc.batch_local_energy(self.model, self.hamiltonian, batch, self.chunk_size)
+
+    def n_total(self, batch: Samples) -> int:
+        """Return the number of samples of a batch over all ranks."""
+        if batch.basis_part is not None:
+            return int(batch.basis_part.x.shape[0])
+        return batch.n_samples * self.world_size
+
+    def expect(self, batch: Samples, e_loc: vmc.LocalEnergy) -> dict[str, torch.Tensor]:
+        """Return every observable per site with its error (device tensors, no sync)."""
+        return vmc.observable_estimates(batch, e_loc, self.hamiltonian, n_chains=self.n_chains)
+
+    def expect_and_grad(self, batch: Samples, e_loc: torch.Tensor) -> torch.Tensor:
+        """Accumulate the Eq. 4 energy gradient into `.grad` and return the baseline Ē.
+
+        Gradients are zeroed first and all-reduced over ranks after, so every rank holds the
+        gradient of the whole batch.
+
+        Args:
+            batch: this rank's samples (weights for full sums).
+            e_loc: (B,) complex128 local energies (totals).
+
+        Returns:
+            Ē, the (all-reduced) weighted mean local energy: a 0-dim complex device tensor.
+        """
+        for p in self.model.parameters():
+            p.grad = None
+        n_total = batch.n_samples * distributed.world_size()
+        e_mean = vmc.weighted_mean(e_loc, batch, n_total)
+        vmc.vmc_gradient(self.model, batch, e_loc, self.chunk_size, n_total, e_mean=e_mean)
+        distributed.all_reduce_grads(self.model)
+        return e_mean
