@@ -19,6 +19,9 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+from naqs_cli.errors import UserError
 
 SUBCOMMANDS = {
     "train": ("train", "train a NAQS ground state: naqs train model=pixelcnn ham=tfim"),
@@ -60,12 +63,6 @@ Every command is a Hydra app: `naqs train --help` lists its config groups and ke
 `naqs train --cfg job` prints the composed config, `naqs train -m ham.gamma=2,3` sweeps.
 Runs land in outputs/<command>/<date>/<time>/.
 """
-
-
-class UserError(Exception):
-    """A mistake on the command line, reported as one line with exit code 2."""
-
-    exit_code = 2
 
 
 def _usage() -> str:
@@ -220,13 +217,6 @@ def _expand_sweeps(overrides: list[str]) -> list[list[str]]:
 
 
 @functools.cache
-def _register_configs_once() -> None:
-    from naqs_cli.config import register_configs
-
-    register_configs()
-
-
-@functools.cache
 def _task_groups(task: str) -> dict[str, tuple[str, ...]]:
     """Return the config groups in the defaults list of `task`, each with its option names."""
     from omegaconf import OmegaConf
@@ -312,23 +302,17 @@ def _check_group_overrides(task: str, overrides: list[str]) -> None:
 
 
 def _compose(task: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from naqs_cli import CONF_DIR
+    from naqs_cli.compose import compose
 
     _check_group_overrides(task, overrides)
-    _register_configs_once()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return compose(config_name=task, overrides=overrides)
-        except ValueError as err:  # Hydra's plain ValueErrors, e.g. for `sampler=null`
-            groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
-            odd = [o for o in groups if not o.split("=", 1)[-1].isidentifier()]
-            where = ", ".join(odd or groups or overrides)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else "invalid"
-            raise UserError(f"{where}: {reason} (a config group takes an option name)") from None
+    try:
+        return compose(task, overrides)
+    except ValueError as err:  # Hydra's plain ValueErrors, e.g. for `sampler=null`
+        groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+        odd = [o for o in groups if not o.split("=", 1)[-1].isidentifier()]
+        where = ", ".join(odd or groups or overrides)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "invalid"
+        raise UserError(f"{where}: {reason} (a config group takes an option name)") from None
 
 
 def _prevalidate(task: str, flags: list[str], overrides: list[str]) -> None:
@@ -351,7 +335,7 @@ def _prevalidate(task: str, flags: list[str], overrides: list[str]) -> None:
             compose.prepare_resume(cfg.resume, job, bool(cfg.allow_unverified_checkpoint))
             continue
         if task == "evaluate":
-            compose.evaluate_config(cfg)
+            tasks.evaluation_model(cfg)
             continue
         validate(cfg, task)
         if task == "compare_sampling":
@@ -486,7 +470,36 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (HydraException, OmegaConfBaseException, NaqsError, UserError)
 
 
-def _fail(command: str, message: str, code: int = 2) -> None:
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    """Return every error type `_exit` reports as one line (the rest are bugs: traceback)."""
+    return (*_user_error_types(), OSError, KeyboardInterrupt)
+
+
+def _exit(command: str, err: BaseException, task: str | None = None) -> NoReturn:
+    """Report `err` as one line on stderr (rank 0 only) and exit with its code.
+
+    The one place errors become exit codes: a `NaqsError` carries its own (`errors.py`), a
+    Hydra/OmegaConf composition error is a user mistake (2), a failed read or write is 1,
+    an interrupt 130. Another rank's failure (`PeerFailedError`) exits silently with rank 0's
+    code, since rank 0 reports it.
+    """
+    from naqs_cli.errors import InterruptedRunError, NaqsError, PeerFailedError
+
+    if isinstance(err, PeerFailedError):
+        raise SystemExit(err.exit_code)
+    if isinstance(err, InterruptedRunError):  # not an error: the run is saved, say how to go on
+        if _launch_rank() == 0:
+            sys.stderr.write(f"naqs {command}: {err}\n")
+            sys.stderr.flush()
+        raise SystemExit(err.exit_code)
+    if isinstance(err, OSError):
+        _fail(command, _os_error_line(err), code=1)
+    if isinstance(err, KeyboardInterrupt):
+        _fail(command, "interrupted", code=130)
+    _fail(command, _one_line(err, task), code=err.exit_code if isinstance(err, NaqsError) else 2)
+
+
+def _fail(command: str, message: str, code: int = 2) -> NoReturn:
     if _launch_rank() == 0:  # under torchrun every rank fails alike; rank 0 says why
         sys.stderr.write(f"naqs {command}: error: {message}\n")
         sys.stderr.flush()
@@ -509,10 +522,9 @@ def _run_hydra(
 
     from naqs_cli import CONF_DIR, tasks
     from naqs_cli.config import register_configs
-    from naqs_cli.errors import InterruptedRunError, TrainingDivergedError
 
     register_configs()
-    user_errors = _user_error_types()
+    handled = _handled_errors()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=task, version_base="1.3")
     def app(cfg) -> None:
@@ -525,16 +537,8 @@ def _run_hydra(
                 result = tasks.train(cfg, out_dir, overrides=list(hc.overrides.task))
             else:
                 result = getattr(tasks, task)(cfg, out_dir)
-        except InterruptedRunError as err:
-            sys.stderr.write(f"naqs {command}: {err}\n")
-            sys.stderr.flush()
-            raise SystemExit(err.exit_code) from None
-        except TrainingDivergedError as err:
-            _fail(command, str(err), code=3)
-        except OSError as err:
-            _fail(command, _os_error_line(err), code=1)
-        except user_errors as err:
-            _fail(command, _one_line(err, task))
+        except handled as err:
+            _exit(command, err, task)
         print(result.summary, flush=True)
 
     sys.argv = [f"naqs {command}", *hydra_args]
@@ -620,7 +624,6 @@ def _run_ranks(command: str, task: str, flags: list[str], overrides: list[str]) 
     import logging
 
     from naqs_cli import distributed, tasks
-    from naqs_cli.errors import InterruptedRunError, TrainingDivergedError
 
     distributed.init()
     released = False
@@ -662,14 +665,8 @@ def _run_ranks(command: str, task: str, flags: list[str], overrides: list[str]) 
         )
         try:
             tasks.train(_compose(task, job), Path(run_dir), overrides=job)
-        except (distributed.PeerFailedError, InterruptedRunError) as err:
-            raise SystemExit(err.exit_code) from None
-        except TrainingDivergedError:
-            raise SystemExit(3) from None
-        except OSError:
-            raise SystemExit(1) from None
-        except _user_error_types():
-            raise SystemExit(2) from None
+        except _handled_errors() as err:  # rank 0 reports; this rank exits alike
+            _exit(command, err, task)
     finally:
         distributed.shutdown()
 
@@ -712,14 +709,8 @@ def main(argv: list[str] | None = None) -> None:
             _run_ranks(command, task, flags, overrides)
         else:
             _run_hydra(command, task, flags + overrides)
-    except UserError as err:
-        _fail(command, str(err))
-    except _user_error_types() as err:
-        _fail(command, _one_line(err))
-    except OSError as err:  # e.g. Hydra cannot create the run directory
-        _fail(command, _os_error_line(err), code=1)
-    except KeyboardInterrupt:
-        _fail(command, "interrupted", code=130)
+    except _handled_errors() as err:  # e.g. OSError: Hydra cannot create the run directory
+        _exit(command, err)
     except Exception as err:
         if type(err).__name__ != "UncompletedJobError":  # submitit: a SLURM job failed
             raise

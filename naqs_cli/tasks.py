@@ -21,7 +21,13 @@ from omegaconf import DictConfig
 from naqs_cli import build, distributed, store, validation
 from naqs_cli.compose import evaluate_config, prepare_resume
 from naqs_cli.errors import InterruptedRunError
-from naqs_cli.evaluate import evaluate_model, format_table, load_trained, write_evaluation
+from naqs_cli.evaluate import (
+    Trained,
+    evaluate_model,
+    format_table,
+    load_trained,
+    write_evaluation,
+)
 from naqs_cli.results import TaskResult
 from naqs_cli.train.final import finish
 from naqs_cli.train.loop import Trainer
@@ -115,6 +121,22 @@ def train(
             ) from None
 
 
+def evaluation_model(cfg: DictConfig) -> tuple[DictConfig, Trained]:
+    """Return the config and the trained model `naqs evaluate` works with.
+
+    The CLI calls this before Hydra creates anything (so weights that do not fit their own
+    config write nothing), and `evaluate` again.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, foreign, its stored config
+            unusable or its weights do not fit.
+        ConfigError: an override the stored model cannot take (the message names the file).
+    """
+    run_cfg, path, state = evaluate_config(cfg)
+    run_cfg.seed = int(cfg.seed)  # the evaluation's own sampling stream
+    return run_cfg, load_trained(build.build_training(run_cfg), path, state)
+
+
 def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     """Rebuild a trained model from its checkpoint and estimate every observable.
 
@@ -122,9 +144,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     may differ from the stored config (the config schema refuses other keys).
     """
     out_dir = Path(out_dir)
-    run_cfg, path, state = evaluate_config(cfg)
-    run_cfg.seed = int(cfg.seed)  # the evaluation's own sampling stream
-    trained = load_trained(build.build_training(run_cfg), path, state)
+    run_cfg, trained = evaluation_model(cfg)
     setup = trained.setup
     values = evaluate_model(
         trained.model,
@@ -136,7 +156,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | str) -> TaskResult:
     symmetry = str(run_cfg.model.symmetry)
     h5, result, reference = write_evaluation(trained, values, out_dir, setup.sampler_kind, symmetry)
     title = (
-        f"naqs evaluate: {path} (step {trained.step}), {setup.hamiltonian.describe()},"
+        f"naqs evaluate: {trained.path} (step {trained.step}), {setup.hamiltonian.describe()},"
         f" sampler={setup.sampler_kind}, symmetry={symmetry}, {values['n_samples']} samples"
     )
     summary = format_table(values, reference, title) + f"\n  outputs: {h5}"

@@ -134,6 +134,9 @@ def _rank_main(rank: int, ports: tuple[int, int, int], out: str) -> None:
         _run_trainer(cfg, out_dir / "split", state, path)
         trainer = _run_trainer(compose("train", MCMC), out_dir / "mcmc")
         result["mcmc_chains"] = trainer.sampler.x.clone()
+        budget = [*DIRECT, "train.steps=1000000", "train.time_budget=1.0"]
+        trainer = _run_trainer(compose("train", budget), out_dir / "budget")
+        result["budget"] = (trainer.step, trainer.stopped, trainer.elapsed)
         torch.save(result, out_dir / f"rank{rank}.pt")
     finally:
         distributed.shutdown()
@@ -233,6 +236,17 @@ def test_resume_on_two_ranks_equals_straight_run(two_ranks):
     b = store.read_history(out / "split" / "history.h5")
     assert list(b["step"]) == list(range(4)), "no step twice, none missing"
     np.testing.assert_array_equal(a["energy"], b["energy"])
+
+
+def test_time_budget_stops_both_ranks_at_rank_0s_step(two_ranks):
+    """Rank 0's clock decides: both ranks stop after the same step, with the budget spent."""
+    out, results = two_ranks
+    steps = {r["budget"][0] for r in results}
+    assert len(steps) == 1 and steps.pop() > 0
+    assert all(r["budget"][1] == "time_budget" for r in results)
+    assert results[0]["budget"][2] >= 1.0
+    history = store.read_history(out / "budget" / "history.h5")
+    assert list(history["step"]) == list(range(results[0]["budget"][0]))
 
 
 def test_resume_on_one_rank_reshares_chains(two_ranks, tmp_path):

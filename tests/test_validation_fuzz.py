@@ -382,6 +382,30 @@ def test_valid_overrides_pass_and_build_long(overrides):
     _check_valid(overrides)
 
 
+@st.composite
+def perturbed_overrides(draw) -> list[str]:
+    """A valid config with one or two keys set to random values of the right type.
+
+    Most of these are accepted, so this reaches what `mixed_overrides` rarely does: configs
+    the check lets through, which must then build.
+    """
+    keys = draw(st.lists(st.sampled_from(sorted(RIGHT_TYPE)), min_size=1, max_size=2))
+    return draw(valid_overrides()) + [f"{key}={draw(RIGHT_TYPE[key])}" for key in keys]
+
+
+@settings(FIXED, max_examples=8)
+@given(perturbed_overrides())
+def test_perturbed_valid_overrides_give_one_line_or_build(overrides):
+    _check_mixed(overrides)
+
+
+@pytest.mark.slow
+@settings(LONG, max_examples=max(1, LONG.max_examples // 2))
+@given(perturbed_overrides())
+def test_perturbed_valid_overrides_give_one_line_or_build_long(overrides):
+    _check_mixed(overrides)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -146,8 +146,10 @@ class ProgressBar(Callback):
         self.bar: tqdm | None = None
 
     def on_start(self, trainer: Trainer) -> None:
+        budget = trainer.settings.time_budget
         self.bar = tqdm(
-            total=trainer.total_steps,
+            # with a time budget the end is a time, not a step: count steps, no total
+            total=trainer.total_steps if budget is None else None,
             initial=trainer.step,
             desc="train",
             dynamic_ncols=True,
@@ -164,10 +166,15 @@ class ProgressBar(Callback):
             f" var={values['energy_variance']:.2e} |m|={values['abs_magnetization']:.3f}",
             refresh=False,
         )
+        budget = trainer.settings.time_budget
+        where = (
+            f"{trainer.step}/{trainer.total_steps}"
+            if budget is None
+            else f"{trainer.step} ({trainer.elapsed:.0f}/{budget:g} s)"
+        )
         log.info(
-            "step %d/%d  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
-            trainer.step,
-            trainer.total_steps,
+            "step %s  E/N = %.6f ± %.1e  var = %.3e  |m| = %.4f  lr = %.2e",
+            where,
             values["energy"],
             values["energy_err"],
             values["energy_variance"],
