@@ -30,8 +30,8 @@ from naqs_cli.evaluate import (
 )
 from naqs_cli.results import TaskResult
 from naqs_cli.train.final import finish
-from naqs_cli.train.loop import Trainer
-from naqs_cli.train.resume import check_new_run_dir, load_init_weights, resume_command
+from naqs_cli.train.loop import Trainer, run_catching_signals
+from naqs_cli.train.resume import check_new_run_dir, load_init_weights
 from naqs_cli.train.signals import SignalCatcher
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,7 @@ def train(
         str(setup.runtime.dtype).removeprefix("torch."),
         setup.runtime.world_size,
     )
-    with SignalCatcher() as catcher:
-        try:
-            trainer.run(catcher)
-        except KeyboardInterrupt:
-            name = catcher.signal_name or "SIGINT"
-            raise InterruptedRunError(
-                f"{name} twice: stopped during step {trainer.step}; the last checkpoint is at"
-                f" step {trainer.saved_step} (later history rows are dropped on resume)."
-                f" Resume with: {resume_command(trainer.out_dir)}",
-                exit_code=128 + int(catcher.signum or signal.SIGINT),
-            ) from None
+    run_catching_signals(trainer)
     with SignalCatcher(immediate=True) as catcher:
         trainer.catcher = catcher
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,7 @@ from naqs_cli.build import TrainingSetup, target_kind
 from naqs_cli.config import MCMCSamplerConfig
 from naqs_cli.errors import ConfigError, InterruptedRunError, TrainingDivergedError
 from naqs_cli.results import TaskResult
-from naqs_cli.train.loop import Trainer
-from naqs_cli.train.signals import SignalCatcher
+from naqs_cli.train.loop import Trainer, run_catching_signals
 
 log = logging.getLogger(__name__)
 
@@ -140,23 +138,14 @@ def _train(setup: TrainingSetup, run_dir: Path, name: str) -> Trainer:
         TrainingDivergedError: non-finite steps persisted through every rollback.
     """
     trainer = Trainer(setup, run_dir)
-    with SignalCatcher() as catcher:
-        try:
-            trainer.run(catcher)
-        except KeyboardInterrupt:
-            sig = catcher.signal_name or "SIGINT"
-            raise InterruptedRunError(
-                f"{sig} twice: compare training stopped in run {name} during step"
-                f" {trainer.step}; its last checkpoint is at step {trainer.saved_step} in"
-                f" {trainer.ckpt_dir}",
-                exit_code=128 + int(catcher.signum or signal.SIGINT),
-            ) from None
-        except InterruptedRunError as err:
-            raise InterruptedRunError(
-                f"compare training stopped in run {name}: {err}", exit_code=err.exit_code
-            ) from None
-        except TrainingDivergedError as err:
-            raise TrainingDivergedError(f"compare training, run {name}: {err}") from None
+    try:
+        run_catching_signals(trainer)
+    except InterruptedRunError as err:
+        raise InterruptedRunError(
+            f"compare training stopped in run {name}: {err}", exit_code=err.exit_code
+        ) from None
+    except TrainingDivergedError as err:
+        raise TrainingDivergedError(f"compare training, run {name}: {err}") from None
     log.info("%s: %d steps in %.1f s (%s)", name, trainer.step, trainer.elapsed, trainer.stopped)
     return trainer
 

@@ -28,7 +28,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -147,11 +147,12 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_start(self)
         t_start = time.perf_counter() - self.elapsed
+        clock = self._clock(self.elapsed)
+        if self.step >= self.total_steps or self._budget_spent(clock):
+            self.stopped = self._stop_reason(clock)  # a resumed run with nothing left to do
         while self.stopped is None:
+            # the end of a run is decided at the end of a step (`_events`), where it is saved
             clock = self._clock(time.perf_counter() - t_start)
-            if self.step >= self.total_steps or self._budget_spent(clock):
-                self.stopped = self._stop_reason(clock)
-                break
             stage_index, stage, lr = self.schedule.at(self.step, self.lr_scale, clock)
             self.rule.lr = lr
             batch = self.state.sample(stage.n_samples // self.runtime.world_size)
@@ -337,11 +338,25 @@ class Trainer:
         )
 
 
-def describe(trainer: Trainer) -> dict[str, Any]:
-    """Return what a log line says about a run: parameters, steps, device, ranks."""
-    return {
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "steps": trainer.total_steps,
-        "device": str(trainer.runtime.device),
-        "ranks": trainer.runtime.world_size,
-    }
+def run_catching_signals(trainer: Trainer, what: str = "") -> None:
+    """Run the loop under SIGINT/SIGTERM handling: the first signal stops after the current
+    step (checkpoint written); a second one stops at once.
+
+    Args:
+        what: names the run in messages (e.g. "compare training run direct: ").
+
+    Raises:
+        InterruptedRunError: a signal stopped the run; the message says where to resume.
+        TrainingDivergedError: non-finite steps persisted through every rollback.
+    """
+    with SignalCatcher() as catcher:
+        try:
+            trainer.run(catcher)
+        except KeyboardInterrupt:
+            name = catcher.signal_name or "SIGINT"
+            raise InterruptedRunError(
+                f"{what}{name} twice: stopped during step {trainer.step}; the last checkpoint"
+                f" is at step {trainer.saved_step} (later history rows are dropped on"
+                f" resume). Resume with: {resume_command(trainer.out_dir)}",
+                exit_code=128 + int(catcher.signum or signal.SIGINT),
+            ) from None
