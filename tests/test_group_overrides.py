@@ -59,7 +59,10 @@ def test_compare_training_and_exact_groups_take_one_option_name():
 def test_misspelt_option_of_an_optional_group_is_refused():
     """evaluate's sampler group is optional: Hydra alone would silently ignore the typo."""
     message = check_overrides("evaluate", [f"checkpoint={OLD_RUN}", "sampler=gibbs"])
-    assert _assert_one_line(message) == "sampler=gibbs: no such option; allowed: direct | fullsum | mcmc"
+    assert (
+        _assert_one_line(message)
+        == "sampler=gibbs: no such option; allowed: direct | fullsum | mcmc"
+    )
 
 
 def test_several_options_need_a_sweep():
