@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -375,6 +376,11 @@ def _check_launcher(overrides: list[str]) -> None:
                 missing = True
             if missing:
                 raise UserError(_missing_launcher(value))
+            if value.strip("'\"") in ("slurm", "submitit_slurm") and not shutil.which("sbatch"):
+                raise UserError(
+                    f"hydra/launcher={value}: SLURM's sbatch is not on this machine's PATH;"
+                    " submit from a SLURM login node, or use hydra/launcher=joblib here"
+                )
 
 
 def _missing_launcher(name: str) -> str:
@@ -402,6 +408,12 @@ def check_overrides(task: str, overrides: list[str], flags: list[str] | None = N
     except _user_error_types() as err:
         return _one_line(err, task)
     return None
+
+
+def _command_of(task: str | None) -> str:
+    """Return the command line name of a task (`compare_sampling` → `compare sampling`)."""
+    names = {t: name for name, (t, _) in SUBCOMMANDS.items()}
+    return names.get(task or "", "<command>")
 
 
 def _one_line(err: BaseException, task: str | None = None) -> str:
@@ -443,7 +455,7 @@ def _one_line(err: BaseException, task: str | None = None) -> str:
                 f" {EVALUATE_OVERRIDABLE} (pick a sampler option before setting its keys)"
             )
         return (
-            f"{key}: unknown key; `naqs <command> --cfg job` lists the keys"
+            f"{key}: unknown key; `naqs {_command_of(task)} --cfg job` lists the keys"
             " (prefix with + only to add keys on purpose)"
         )
     if first.startswith("Error merging override") and cause is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -179,7 +179,9 @@ class StepResult:
         is_finite: False when a local energy (on any rank), the gradient or `pending_check`
             was not finite (no update made).
         energy_finite: False when a local energy on some rank was not finite.
-        pending_ok: the value of `train_step`'s `pending_check` (True when none was given).
+        pending_ok: the value of the step's `pending_check` (True when none was given).
+        info: the rule's diagnostics, numbers the loop adds to the history row (the same keys
+            at every step of a rule; NaN where a step has none).
     """
 
     e_loc: LocalEnergy
@@ -187,6 +189,7 @@ class StepResult:
     is_finite: bool
     energy_finite: bool = True
     pending_ok: bool = True
+    info: dict[str, float] = field(default_factory=dict)
 
 
 def batch_local_energy(

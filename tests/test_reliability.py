@@ -200,6 +200,8 @@ def test_nan_energies_roll_back_then_persistent_nan_stops(tmp_path):
     assert np.isfinite(history["energy"][:8]).all(), "rolled-back NaN rows are gone"
     state = store.load_checkpoint(run)
     assert state["step"] == 8 and state["scheduler"]["lr_scale"] == 0.5
+    with h5py.File(run / "history.h5", "r") as f:
+        assert f.attrs["stopped"] == "diverged"
     for name in ("last.pt", "best.pt"):
         _checkpoint_step(run, name)
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from naqs_cli import distributed, store
-from naqs_cli.errors import InterruptedRunError
+from naqs_cli.errors import InterruptedRunError, TrainingDivergedError
 from naqs_cli.train import callbacks as callbacks_module
 from naqs_cli.train import checkpoint
 from naqs_cli.train.callbacks import RollbackRequiredError, StepEvents
@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("naqs_cli.train")
 
 #: Values of the `stopped` attribute of history.h5.
+#: `running` while a process trains (a killed run keeps it), then why it stopped.
 STOPPED_STEPS, STOPPED_BUDGET, STOPPED_SIGNAL = "steps", "time_budget", "signal"
+RUNNING, DIVERGED = "running", "diverged"
 
 
 class Trainer:
@@ -144,6 +146,7 @@ class Trainer:
         self.bad_in_a_row, self.save_due = 0, False
         if self.step == 0 and self.saved_step is None:
             checkpoint.save(self)  # a good state to roll back to, and a file to resume from
+        self._mark_stopped(RUNNING)
         for callback in self.callbacks:
             callback.on_start(self)
         t_start = time.perf_counter() - self.elapsed
@@ -155,6 +158,7 @@ class Trainer:
             clock = self._clock(time.perf_counter() - t_start)
             stage_index, stage, lr = self.schedule.at(self.step, self.lr_scale, clock)
             self.rule.lr = lr
+            self.rule.position = self._position(clock)
             batch = self.state.sample(stage.n_samples // self.runtime.world_size)
             for callback in self.callbacks:
                 callback.on_batch(self, batch)
@@ -182,6 +186,7 @@ class Trainer:
                 "wall_time": self.elapsed,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
+                **{k: v for k, v in result.info.items() if isinstance(v, (int, float))},
                 **values,
                 **self._sampler_info(batch),
             }
@@ -207,6 +212,13 @@ class Trainer:
         if self.settings.time_budget is not None and self.runtime.world_size > 1:
             return float(distributed.broadcast_object(seconds))
         return seconds
+
+    def _position(self, clock: float) -> float:
+        """Return the fraction of the run done: of the steps, or of the time budget if further."""
+        done = self.step / max(self.total_steps, 1)
+        if self.settings.time_budget is not None:
+            done = max(done, clock / self.settings.time_budget)
+        return min(done, 1.0)
 
     def _budget_spent(self, clock: float) -> bool:
         budget = self.settings.time_budget
@@ -300,13 +312,18 @@ class Trainer:
 
     def _rollback(self, reason: str) -> None:
         self.flush()
-        checkpoint.rollback(self, reason)
+        try:
+            checkpoint.rollback(self, reason)
+        except TrainingDivergedError:
+            self._mark_stopped(DIVERGED)
+            raise
         self.bad_in_a_row, self.save_due = 0, False
         for callback in self.callbacks:
             callback.on_rollback(self)
 
     def _mark_stopped(self, reason: str | None) -> None:
-        """Record in history.h5 why training stopped (`stopped`: steps | time_budget | signal)."""
+        """Record in history.h5 why training stopped (`stopped`: steps | time_budget | signal |
+        diverged), or `running` while it trains."""
 
         def write() -> None:
             with self.catcher.critical():
