@@ -308,7 +308,7 @@ def _compose(task: str, overrides: list[str]):
     _check_group_overrides(task, overrides)
     try:
         return compose(task, overrides)
-    except ValueError as err:  # Hydra's plain ValueErrors, e.g. for `sampler=null`
+    except ValueError as err:  # Hydra's, e.g. `exact sampler=1` (a group exact does not use)
         groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
         odd = [o for o in groups if not o.split("=", 1)[-1].isidentifier()]
         where = ", ".join(odd or groups or overrides)

@@ -102,3 +102,13 @@ def test_cli_group_list_is_one_line_exit_2(args, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"naqs {args[0]}: error: sampler=[1,2]: {ONE_OPTION}"), lines
     assert not (tmp_path / "outputs").exists()
+
+
+def test_several_values_of_a_key_need_a_sweep():
+    message = _assert_one_line(check_overrides("train", ["ham.gamma=2,3"]))
+    assert message.startswith("ham.gamma=2,3: several values; add -m"), message
+
+
+def test_preset_of_another_command_names_the_preset():
+    message = _assert_one_line(check_overrides("train", ["experiment=fig3_tfim_small"]))
+    assert message.startswith("experiment=fig3_tfim_small: Key 'compare' not in"), message
