@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from naqs_cli import exact
+from naqs_cli.basis import basis_index, enumerate_basis
 from naqs_cli.exact import (
     ExactResult,
     _HeisenbergSzSector,
     _lowest_eigenpair,
     _sector_operator,
     _TfimParitySector,
-    basis_index,
-    enumerate_basis,
     free_fermion,
     ground_state,
     model_expectations,
