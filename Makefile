@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_FLAGS ?=
+# Test processes (pytest-xdist); a test file runs whole in one process (module fixtures once).
+TEST_WORKERS ?= 2
 
 .PHONY: install test validate lint format run bench bench-netket clean help
 
@@ -20,8 +22,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check -e ".[dev,cluster]"
 	@touch $(STAMP)
 
-test: install  ## default suite (excludes slow physics checks)
-	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_FLAGS)
+test: install  ## default suite (excludes slow physics checks), TEST_WORKERS processes
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_FLAGS)
 
 validate: install  ## slow physics checks (VMC convergence against exact answers)
 	$(PY) -m pytest -m slow --durations=15 $(PYTEST_FLAGS)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,22 @@ def make_trainer(cfg, out_dir: Path, checkpoint: dict | None = None, path: Path 
     return Trainer(build_training(cfg), Path(out_dir), checkpoint, path)
 
 
+_SCRATCH: list[str] = []
+
+
+def _scratch_dir() -> str:
+    """Return a new temporary directory, removed at the end of the session."""
+    _SCRATCH.append(tempfile.mkdtemp(prefix="naqs-cli-"))
+    return _SCRATCH[-1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_scratch_dirs():
+    yield
+    for path in _SCRATCH:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_cli(
     *args: str,
     cwd: Path | None = None,
@@ -40,12 +58,16 @@ def run_cli(
     env: dict | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m naqs_cli ARGS` in a subprocess and return the completed process."""
+    """Run `python -m naqs_cli ARGS` in a subprocess and return the completed process.
+
+    Without `cwd` it runs in a fresh temporary directory, so Hydra's default run directories
+    (outputs/<task>/<date>/<time>) never land in the repository or collide between tests.
+    """
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "naqs_cli", *args],
-        cwd=cwd or ROOT,
+        cwd=cwd or _scratch_dir(),
         capture_output=True,
         text=True,
         check=check,
