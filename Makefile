@@ -9,7 +9,7 @@ PYTEST_FLAGS ?=
 # Test processes (pytest-xdist); a test file runs whole in one process (module fixtures once).
 TEST_WORKERS ?= 2
 
-.PHONY: install test validate lint format run bench bench-netket clean help
+.PHONY: install test validate lint format run bench bench-netket race race-tune clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,14 @@ NETKET_FLAGS ?=
 
 bench-netket: install $(NETKET_STAMP)  ## naqs vs NetKet side by side -> benchmarks/results/netket.*
 	$(PY) benchmarks/netket_compare.py $(NETKET_FLAGS)
+
+# RACE_FLAGS e.g. --cases tfim4x4,heis4x4 --seeds 0 (see benchmarks/race.py --help).
+RACE_FLAGS ?=
+race: install $(NETKET_STAMP)  ## accuracy at equal wall time vs NetKet -> benchmarks/results/race.*
+	$(PY) benchmarks/race.py $(RACE_FLAGS)
+
+race-tune: install $(NETKET_STAMP)  ## tune every race contender (other seeds) -> results/race_tuned.json
+	$(PY) benchmarks/race.py --tune $(RACE_FLAGS)
 
 $(NETKET_STAMP): benchmarks/requirements-netket.txt
 	@test -x $(NETKET_VENV)/bin/python || $(PYTHON) -m venv $(NETKET_VENV)

@@ -38,6 +38,8 @@ def target_kind(node: Any) -> str:
         "MetropolisSampler": "mcmc",
         "Adam": "adam",
         "SGD": "sgd",
+        "SR": "sr",
+        "MinSR": "minsr",
     }.get(target, target.lower())
 
 
@@ -314,7 +316,24 @@ def build_update_rule(cfg: DictConfig, model: torch.nn.Module) -> UpdateRule:
             momentum=float(cfg.optim.momentum),
             grad_clip=grad_clip,
         )
-    raise ConfigError(f"optim._target_={cfg.optim._target_}: allowed: adam | sgd")
+    if kind in ("sr", "minsr"):
+        from naqs_cli.natural import SR, MinSR
+
+        optim = cfg.optim
+        rule = SR if kind == "sr" else MinSR
+        final = optim.diag_shift_final
+        return rule(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=float(optim.lr),
+            diag_shift=float(optim.diag_shift),
+            diag_shift_rel=float(optim.diag_shift_rel),
+            diag_shift_final=None if final is None else float(final),
+            rcond=None if optim.rcond is None else float(optim.rcond),
+            spring=float(optim.spring),
+            solver=str(optim.solver),
+            grad_clip=grad_clip,
+        )
+    raise ConfigError(f"optim._target_={cfg.optim._target_}: allowed: adam | sgd | sr | minsr")
 
 
 def build_schedule(cfg: DictConfig) -> Schedule:

@@ -236,7 +236,7 @@ def checkpoint_config(
             run_cfg.sampler = OmegaConf.create(OmegaConf.to_container(sampler, resolve=True))
         if n_samples is not None:
             run_cfg.sampler.n_samples = int(n_samples)
-        validation.validate(run_cfg, "train")
+        validation.validate(run_cfg, "stored")
     return run_cfg, path, state
 
 

@@ -110,6 +110,43 @@ class SGDConfig:
     grad_clip: float | None = None
 
 
+@dataclass
+class SRConfig:
+    """Stochastic reconfiguration (naqs_cli.natural: the keys are explained there)."""
+
+    _target_: str = "naqs_cli.natural.SR"
+    lr: float = 0.02
+    diag_shift: float = 1e-3
+    diag_shift_rel: float = 0.0
+    diag_shift_final: float | None = None
+    rcond: float | None = None
+    spring: float = 0.0
+    solver: str = "cholesky"
+    max_params: int = 20000
+    schedule: str = "constant"
+    step_every: int = 1000
+    step_factor: float = 0.5
+    grad_clip: float | None = None
+
+
+@dataclass
+class MinSRConfig:
+    """MinSR (naqs_cli.natural: the keys are explained there)."""
+
+    _target_: str = "naqs_cli.natural.MinSR"
+    lr: float = 0.02
+    diag_shift: float = 1e-3
+    diag_shift_rel: float = 0.0
+    diag_shift_final: float | None = None
+    rcond: float | None = None
+    spring: float = 0.0
+    solver: str = "cholesky"
+    schedule: str = "constant"
+    step_every: int = 1000
+    step_factor: float = 0.5
+    grad_clip: float | None = None
+
+
 # --- primary configs -----------------------------------------------------------------------
 @dataclass
 class StageConfig:
@@ -244,6 +281,8 @@ def register_configs() -> None:
     cs.store(group="sampler", name="base_mcmc", node=MCMCSamplerConfig)
     cs.store(group="optim", name="base_adam", node=AdamConfig)
     cs.store(group="optim", name="base_sgd", node=SGDConfig)
+    cs.store(group="optim", name="base_sr", node=SRConfig)
+    cs.store(group="optim", name="base_minsr", node=MinSRConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="exact_schema", node=ExactConfig)

@@ -28,6 +28,9 @@ class UpdateRule:
 
     #: The `optim` option this rule implements (adam, sgd, ...).
     name = "base"
+    #: The fraction of the run done, in [0, 1] (steps, or the time budget when further along),
+    #: set by the training loop before each step; rules with schedules of their own read it.
+    position: float = 0.0
 
     @property
     def lr(self) -> float:

@@ -16,9 +16,11 @@ too, computed in memory-bounded chunks of `chunk_size` samples.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from naqs_cli import distributed, vmc
+from naqs_cli import distributed, jacobian, vmc
 from naqs_cli.samplers import Samples
 
 
@@ -93,3 +95,19 @@ class VariationalState:
         vmc.vmc_gradient(self.model, batch, e_loc, self.chunk_size, n_total, e_mean=e_mean)
         distributed.all_reduce_grads(self.model)
         return e_mean
+
+    def log_derivatives(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the per-sample log-derivatives O_k(x) = ∂ ln Ψ(x)/∂θ_k, chunk by chunk.
+
+        Chunks hold at most `chunk_size` samples (lowered to fit `vmc.BACKWARD_BYTES`); see
+        `naqs_cli.jacobian` for how the rows are computed.
+
+        Args:
+            x: (B, N) int8 configurations (this rank's).
+
+        Yields:
+            (b, P) complex tensors (complex64 for a float32 model), in the order of `x`; the
+            columns are `parameters()`, flattened, in order.
+        """
+        chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
+        yield from jacobian.log_derivatives(self.model, x, chunk_size)

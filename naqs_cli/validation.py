@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from naqs_cli import distributed
+from naqs_cli import distributed, natural_config
 from naqs_cli.build import build_hamiltonian, build_lattice, target_kind
 from naqs_cli.errors import ConfigError
 from naqs_cli.exact import METHODS as EXACT_METHODS
@@ -91,16 +91,20 @@ def _positive(key: str, value: Any) -> None:
 def validate(cfg: DictConfig, task: str) -> None:
     """Check every key and cross-key rule of a composed config for `task`.
 
+    `task` "stored": a train config read back to rebuild a model for evaluation; the train
+    rules but those pairing the optimizer with the sampler (the model is not trained again).
+
     Raises:
         ConfigError: the first violation, as one line naming key, value and what is allowed.
     """
+    training, task = task != "stored", "train" if task == "stored" else task
     if task in ("train", "compare_training", "exact"):
         lattice = _validate_lattice(cfg)
         ham_kind = _validate_ham(cfg, lattice)
     if task in ("train", "compare_training"):
         _validate_model(cfg, lattice, ham_kind)
         _validate_sampler(cfg, lattice, ham_kind)
-        _validate_optim(cfg)
+        _validate_optim(cfg, training)
         _validate_train(cfg)
         _validate_runtime(cfg)
         if cfg.resume is not None:
@@ -408,7 +412,7 @@ def _divides_over_ranks(key: str, value: Any, what: str) -> None:
         )
 
 
-def _validate_optim(cfg: DictConfig) -> None:
+def _validate_optim(cfg: DictConfig, training: bool) -> None:
     _positive("optim.lr", cfg.optim.lr)
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     if cfg.optim.schedule == "step":
@@ -416,6 +420,8 @@ def _validate_optim(cfg: DictConfig) -> None:
         _positive("optim.step_factor", cfg.optim.step_factor)
     if cfg.optim.grad_clip is not None:
         _positive("optim.grad_clip", cfg.optim.grad_clip)
+    if target_kind(cfg.optim) in ("sr", "minsr"):
+        natural_config.check_config(cfg, training)
     if target_kind(cfg.optim) == "adam":
         betas = list(cfg.optim.betas)
         if len(betas) != 2 or any(not 0 <= float(b) < 1 for b in betas):

@@ -34,6 +34,7 @@ CONFIG_READERS = {
     "config.py": "the schemas",
     "build.py": "the one place that turns a config into objects",
     "validation.py": "the rules `build` checks before building",
+    "natural_config.py": "the rules of optim=sr|minsr (validation calls them)",
     "tasks.py": "the task functions",
     "callbacks.py": "Hydra's sweep callback (runs in the CLI process, reads job configs)",
     "compare/__init__.py": "the comparison task functions",

@@ -1,0 +1,238 @@
+"""Natural-gradient costs: per-sample log-derivatives against a gradient pass, and MinSR memory.
+
+Run from the repository root (`make bench` runs every bench_*.py):
+
+    .venv/bin/python benchmarks/bench_natural.py [--quick]
+
+Model: the paper's TFIM PixelCNN, 18 layers × 32 channels, `phase=true`, float32, TFIM Γ = 3
+on an open L × L square, exact direct samples. Each case runs in a fresh process (so its peak
+resident memory is its own) with 2 threads:
+
+- `jacobian` (L = 10, 1,024 samples): seconds of `VariationalState.log_derivatives` (every
+  sample's row of ∂ ln Ψ/∂θ) against one forward + backward pass of the same batch (the
+  Eq. 4 gradient of Adam), best of 2 after a warm-up; the ratio is the cost of the rows in
+  gradient passes.
+- `minsr_step` (L = 12, 1,024 samples): one whole `optim=minsr` step (Jacobian, kernel
+  T = XXᵀ in float64, Cholesky solve, update) after a warm-up step; seconds per phase and the
+  peak resident memory of the process (`ru_maxrss`), against the 4 GB the step may take.
+
+`--quick`: 4 layers × 8 channels, L = 4, 64 samples (a smoke run). Writes
+`benchmarks/results/natural.json` and `natural.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: Peak resident memory a MinSR step of the paper's model at L = 12 may take.
+MEMORY_LIMIT_GB = 4.0
+
+
+def _setup(side: int, layers: int, channels: int, n_samples: int, optim: str):
+    sys.path.insert(0, str(ROOT))
+    from naqs_cli import build
+    from naqs_cli.compose import compose
+
+    cfg = compose(
+        "train",
+        [
+            f"lattice.Lx={side}",
+            f"lattice.Ly={side}",
+            "ham=tfim",
+            "ham.gamma=3.0",
+            f"model.layers={layers}",
+            f"model.channels={channels}",
+            "model.phase=true",
+            f"sampler.n_samples={n_samples}",
+            "dtype=float32",
+            "device=cpu",
+            f"optim={optim}",
+        ],
+    )
+    return build.build_training(cfg)
+
+
+def case_jacobian(side: int, layers: int, channels: int, n_samples: int) -> dict:
+    """Seconds of the per-sample rows against one forward + backward pass."""
+    import torch
+
+    setup = _setup(side, layers, channels, n_samples, "adam")
+    state = setup.state
+    batch = state.sample(n_samples)
+    n_params = sum(p.numel() for p in state.parameters())
+
+    def gradient_pass() -> None:
+        state.model.zero_grad(set_to_none=True)
+        for chunk in batch.x.split(state.chunk_size):
+            state.model.log_psi(chunk).real.sum().backward()
+
+    def rows() -> None:
+        for _ in state.log_derivatives(batch.x):
+            pass
+
+    timings = {}
+    for name, fn in (("gradient_pass_s", gradient_pass), ("log_derivatives_s", rows)):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        timings[name] = best
+    del torch
+    return {
+        "side": side,
+        "n_samples": n_samples,
+        "n_params": n_params,
+        **timings,
+        "ratio": timings["log_derivatives_s"] / timings["gradient_pass_s"],
+    }
+
+
+def case_minsr_step(side: int, layers: int, channels: int, n_samples: int) -> dict:
+    """One MinSR step's phases and the process's peak resident memory."""
+    from naqs_cli import natural
+
+    setup = _setup(side, layers, channels, n_samples, "minsr")
+    state, rule = setup.state, setup.rule
+    n_params = sum(p.numel() for p in state.parameters())
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    times: dict[str, float] = {}
+    for _ in range(2):  # the first step warms up; the second is timed
+        start = time.perf_counter()
+        batch = state.sample(n_samples)
+        times["sample_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        e_loc = state.local_energy(batch)
+        times["local_energy_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = rule.step(state, batch, e_loc)
+        times["step_s"] = time.perf_counter() - start
+        times["solve_s"] = float(result.info["solve_time"])
+        assert result.is_finite, "the MinSR step failed"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rows_gb = 2 * n_samples * n_params * 4 / 2**30
+    del natural
+    return {
+        "side": side,
+        "n_samples": n_samples,
+        "n_params": n_params,
+        **times,
+        "rows_gb": rows_gb,
+        "baseline_rss_gb": baseline,
+        "peak_rss_gb": peak,
+        "within_limit": peak <= MEMORY_LIMIT_GB,
+    }
+
+
+CASES = {"jacobian": case_jacobian, "minsr_step": case_minsr_step}
+
+
+def run_child(name: str, arguments: list[int]) -> dict:
+    """Run one case in a fresh process (2 threads) and return its result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, __file__, "--child", name, *map(str, arguments)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def cpu_description() -> str:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    vector = [f for f in flags if f.startswith(("avx", "fma"))]
+    return f"{model} ({' '.join(vector) or 'no AVX flags'})"
+
+
+def write_results(results: dict, meta: dict) -> None:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "natural.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+    )
+    jac, step = results["jacobian"], results["minsr_step"]
+    lines = [
+        "# Natural gradient: per-sample log-derivatives and MinSR memory",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, CPU {meta['cpu']}, 2 threads; load average"
+        f" at start {meta['load_start']}, at end {meta['load_end']}. PixelCNN"
+        f" {meta['layers']} layers × {meta['channels']} channels, `phase=true`, float32,"
+        " TFIM Γ = 3, open lattice, exact direct samples; each case in a fresh process."
+        + (" **--quick (smoke sizes)**." if meta["quick"] else ""),
+        "",
+        "| case | L | samples | parameters | result |",
+        "|---|---|---|---|---|",
+        f"| per-sample rows vs one forward + backward | {jac['side']} | {jac['n_samples']} |"
+        f" {jac['n_params']:,} | {jac['log_derivatives_s']:.2f} s vs"
+        f" {jac['gradient_pass_s']:.2f} s = **{jac['ratio']:.2f}×** |",
+        f"| MinSR step, peak resident memory | {step['side']} | {step['n_samples']} |"
+        f" {step['n_params']:,} | **{step['peak_rss_gb']:.2f} GB** (limit"
+        f" {MEMORY_LIMIT_GB:g} GB; rows X alone {step['rows_gb']:.2f} GB; after model build"
+        f" {step['baseline_rss_gb']:.2f} GB) |",
+        f"| MinSR step, seconds | {step['side']} | {step['n_samples']} | |"
+        f" step {step['step_s']:.1f} s (solve {step['solve_s']:.2f} s); sampling"
+        f" {step['sample_s']:.1f} s, local energies {step['local_energy_s']:.1f} s |",
+    ]
+    (RESULTS_DIR / "natural.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, *numbers = args.child
+        import torch
+
+        torch.set_num_threads(2)
+        print(json.dumps(CASES[name](*map(int, numbers))), flush=True)
+        return 0
+    import torch
+
+    layers, channels = (4, 8) if args.quick else (18, 32)
+    sizes = {
+        "jacobian": [4, layers, channels, 64] if args.quick else [10, layers, channels, 1024],
+        "minsr_step": [4, layers, channels, 64] if args.quick else [12, layers, channels, 1024],
+    }
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu": cpu_description(),
+        "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "layers": layers,
+        "channels": channels,
+        "quick": args.quick,
+    }
+    results = {}
+    for name, arguments in sizes.items():
+        results[name] = run_child(name, arguments)
+        print(f"{name}: {results[name]}", flush=True)
+    meta["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    write_results(results, meta)
+    print(f"results: {RESULTS_DIR / 'natural.md'}")
+    return 0 if results["minsr_step"]["within_limit"] or args.quick else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

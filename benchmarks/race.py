@@ -1,0 +1,417 @@
+"""The accuracy race: naqs against NetKet at equal wall time (`make race`, `make race-tune`).
+
+Run from the repository root (the Makefile installs NetKet's venv first):
+
+    .venv/bin/python benchmarks/race.py [--cases tfim4x4,heis4x4] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/race.py --tune [--cases ...]      # make race-tune
+
+Each contender trains on the same pinned CPUs with the same thread count under the same
+wall-clock budget, which includes JIT compilation and Markov-chain burn-in (NetKet's
+compile seconds are reported separately); workers alternate naqs, NetKet, NetKet, NetKet
+for every seed. Cases, budgets and references:
+
+| case | lattice | budget | reference |
+|---|---|---|---|
+| tfim4x4 | TFIM Γ = 3, open 4×4 | 30 s | exact diagonalization (naqs `exact`) |
+| tfim6x6 | TFIM Γ = 3, periodic 6×6 | 240 s | ED, E/N = −3.2009085362144024 (VarBench) |
+| heis4x4 | Heisenberg, open 4×4 | 120 s | ED in the Σσᶻ = 0 sector (naqs `exact`) |
+
+(VarBench: `TFIsing/square_36_P_3.md`.)
+
+Contenders: naqs — the PixelCNN with exact direct sampling and the update rule chosen by
+`--naqs-optim` (default minsr), hyperparameters from `results/race_tuned.json` when present;
+NetKet — RBM α=1 + Metropolis + `VMC_SR`, FastARNNConv2D 4×16 + direct sampling with Adam and
+with `VMC_SR` (see the workers' docstrings). Every final state is evaluated with an honest
+error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected).
+
+Output: `benchmarks/results/race.{json,md}`, `race_<case>.png` (relative error of each step's
+energy estimate against wall time, every contender, seed 0) and the last line
+
+    race tfim4x4=<a> tfim6x6=<b> heis4x4=<c>
+
+naqs's median relative error over the best NetKet contender's (below 1: naqs more accurate;
+`tie` when the ratio's relative uncertainty exceeds 0.25).
+
+Tuning (`--tune`): every contender gets the same number of trials (learning rate × shift,
+with and without SPRING momentum for the natural-gradient ones; learning rates alone for Adam)
+on seeds 100, 101 (never the reported ones); the best median per contender goes to
+`results/race_tuned.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS_DIR = HERE / "results"
+TUNED = RESULTS_DIR / "race_tuned.json"
+NETKET_PYTHON = HERE / "netket_venv" / "bin" / "python"
+NAQS_PYTHON = Path(sys.executable)
+WORKERS = {"naqs": HERE / "race_worker_naqs.py", "netket": HERE / "race_worker_netket.py"}
+#: A ratio counts only when its relative uncertainty is at most this; otherwise a tie.
+MAX_RATIO_UNCERTAINTY = 0.25
+
+
+@dataclass(frozen=True)
+class Case:
+    """One race: its budget and exact ground-state energies (totals) in each side's units."""
+
+    name: str
+    budget: float
+    n_sites: int
+    reference_source: str
+
+    def reference(self, side: str) -> float:
+        """The exact ground-state energy, total, in `side`'s units (NetKet: Pauli)."""
+        if self.name == "tfim6x6":
+            return -115.232707303718485  # VarBench TFIsing/square_36_P_3.md, Pauli units
+        sys.path.insert(0, str(ROOT))
+        from naqs_cli.compose import compose
+        from naqs_cli.reference import cached_ground_state
+
+        lattice = ["lattice.Lx=4", "lattice.Ly=4"]
+        ham = ["ham=heisenberg", "model.total_sz=0"] if self.name == "heis4x4" else ["ham=tfim"]
+        energy = _ground_energy(compose("train", [*lattice, *ham]), cached_ground_state)
+        # naqs's Heisenberg is in S·S units, NetKet's in Pauli units (σ = 2S).
+        return 4.0 * energy if side == "netket" and self.name == "heis4x4" else energy
+
+
+def _ground_energy(cfg, cached_ground_state) -> float:
+    from naqs_cli import build
+
+    lattice = build.build_lattice(cfg)
+    return float(cached_ground_state(build.build_hamiltonian(cfg, lattice)).energy)
+
+
+CASES = {
+    "tfim4x4": Case("tfim4x4", 30.0, 16, "exact diagonalization"),
+    "tfim6x6": Case("tfim6x6", 240.0, 36, "VarBench TFIsing/square_36_P_3.md (ED)"),
+    "heis4x4": Case("heis4x4", 120.0, 16, "exact diagonalization, Σσᶻ = 0"),
+}
+NETKET_CONTENDERS = ("rbm_sr", "arnn_adam", "arnn_sr")
+#: Untuned starting points (NetKet's documented VMC_SR defaults; naqs's config defaults).
+DEFAULT_HYPER = {
+    "rbm_sr": {"lr": 0.02, "diag_shift": 1e-3, "spring": 0.0},
+    "arnn_sr": {"lr": 0.02, "diag_shift": 1e-3, "spring": 0.0},
+    "arnn_adam": {"lr": 0.01},
+}
+#: The tuning grid: the same number of trials (8) for every contender.
+SR_GRID = {"lr": (0.02, 0.05), "diag_shift": (1e-4, 1e-3), "spring": (0.0, 0.8)}
+ADAM_GRID = {"lr": (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)}
+TUNE_SEEDS = (100, 101)
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """The same thread settings for XLA, OpenMP and BLAS in every worker."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+        NUMBA_NUM_THREADS=str(threads),
+        OMP_WAIT_POLICY="PASSIVE",
+        XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}",
+        JAX_PLATFORMS="cpu",
+    )
+    return env
+
+
+def run_worker(side: str, arguments: list[str], env: dict[str, str], timeout: float) -> dict:
+    """Run one worker; return its JSON line, or {"failed": reason}."""
+    python = NETKET_PYTHON if side == "netket" else NAQS_PYTHON
+    command = [str(python), str(WORKERS[side]), *arguments]
+    try:
+        proc = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        return {"failed": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def naqs_overrides(hyper: dict) -> list[str]:
+    """The naqs worker's --set arguments for tuned hyperparameters."""
+    out = []
+    for key, value in hyper.items():
+        out += ["--set", f"{key if '.' in key else 'optim.' + key}={value}"]
+    return out
+
+
+def netket_arguments(hyper: dict) -> list[str]:
+    out = []
+    for key, value in hyper.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, dict]]:
+    """(label, side, hyperparameters) of every contender of a case."""
+    own = tuned.get(case, {})
+    naqs_label = f"naqs_{naqs_optim}"
+    out = [(naqs_label, "naqs", own.get(naqs_label, {}))]
+    out += [(c, "netket", own.get(c, DEFAULT_HYPER[c])) for c in NETKET_CONTENDERS]
+    return out
+
+
+def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> dict:
+    """Train and evaluate one contender once; add the relative error and V-score."""
+    common = ["--case", case.name, "--budget", str(case.budget), "--seed", str(seed)]
+    common += ["--cpus", args.cpus]
+    if side == "naqs":
+        arguments = [*common, "--contender", label.removeprefix("naqs_"), *naqs_overrides(hyper)]
+        arguments += ["--threads", str(args.threads)]
+    else:
+        arguments = [*common, "--contender", label, *netket_arguments(hyper)]
+    timeout = case.budget * 3 + 600
+    result = run_worker(side, arguments, worker_environment(args.threads), timeout)
+    result.update(label=label, seed=seed, case=case.name, hyper=hyper)
+    if "failed" in result:
+        print(f"  {case.name} {label} seed {seed}: FAILED {result['failed']}", flush=True)
+        return result
+    reference = case.reference(side)
+    final = result["final"]
+    total = final["energy"] * (case.n_sites if side == "naqs" else 1.0)
+    error = final["energy_err"] * (case.n_sites if side == "naqs" else 1.0)
+    result["relative_error"] = (total - reference) / abs(reference)
+    result["relative_error_err"] = error / abs(reference)
+    result["v_score"] = case.n_sites * final["variance"] / total**2
+    result["trace_relative"] = [
+        [t, (e - reference) / abs(reference)] for t, e in result.pop("trace")
+    ]
+    print(
+        f"  {case.name} {label:10s} seed {seed}: rel. error {result['relative_error']:.3e}"
+        f" ± {result['relative_error_err']:.1e}, V-score {result['v_score']:.2e},"
+        f" {result['steps']} steps, compile {result['compile_s']:.1f} s",
+        flush=True,
+    )
+    return result
+
+
+def median_run(runs: list[dict]) -> dict | None:
+    good = sorted((r for r in runs if "relative_error" in r), key=lambda r: r["relative_error"])
+    return good[(len(good) - 1) // 2] if good else None
+
+
+def summarize_case(case: Case, runs: list[dict], naqs_label: str) -> dict:
+    """Medians per contender, the best NetKet contender, and the ratio (or a tie)."""
+    table = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        own = [r for r in runs if r["label"] == label]
+        middle = median_run(own)
+        errors = [r["relative_error"] for r in own if "relative_error" in r]
+        table[label] = {
+            "median": middle["relative_error"] if middle else math.nan,
+            "median_err": middle["relative_error_err"] if middle else math.nan,
+            "worst": max(errors) if errors else math.nan,
+            "errors": errors,
+            "v_scores": [r["v_score"] for r in own if "v_score" in r],
+            "steps": [r.get("steps") for r in own],
+            "compile_s": [r.get("compile_s") for r in own],
+            "failed": [r["failed"] for r in own if "failed" in r],
+            "dtype": next((r["dtype"] for r in own if "dtype" in r), "?"),
+            "n_params": next((r["n_params"] for r in own if "n_params" in r), None),
+            "hyper": own[0]["hyper"],
+        }
+    netket = {k: v for k, v in table.items() if k in NETKET_CONTENDERS and v["errors"]}
+    best = min(netket, key=lambda k: table[k]["median"]) if netket else None
+    ratio, uncertainty = math.nan, math.nan
+    mine = table.get(naqs_label)
+    if best and mine and mine["errors"]:
+        a, b = mine, table[best]
+        ratio = a["median"] / b["median"] if b["median"] > 0 else math.inf
+        parts = [x["median_err"] / abs(x["median"]) if x["median"] else math.inf for x in (a, b)]
+        uncertainty = math.hypot(*parts)
+    verdict = (
+        "n/a"
+        if math.isnan(ratio)
+        else ("tie" if uncertainty > MAX_RATIO_UNCERTAINTY else f"{ratio:.3g}")
+    )
+    return {
+        "case": case.name,
+        "budget_s": case.budget,
+        "reference_source": case.reference_source,
+        "contenders": table,
+        "best_netket": best,
+        "ratio": ratio,
+        "ratio_uncertainty": uncertainty,
+        "verdict": verdict,
+    }
+
+
+def plot_case(case: Case, runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label in dict.fromkeys(r["label"] for r in runs):
+        own = [r for r in runs if r["label"] == label and "trace_relative" in r]
+        if not own:
+            continue
+        trace = own[0]["trace_relative"]
+        times = [t for t, _ in trace]
+        errors = [max(e, 1e-9) for _, e in trace]
+        line = ax.plot(times, errors, lw=0.8, label=f"{label} (seed {own[0]['seed']})")[0]
+        for r in own:
+            ax.plot([case.budget], [max(r["relative_error"], 1e-9)], "o", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time (s), budget included JIT/compile and burn-in")
+    ax.set_ylabel("relative error of the energy")
+    ax.set_title(f"{case.name}: per-step estimates; dots: final exact/65k-sample evaluation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cpu_description() -> str:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    vector = [f for f in flags if f.startswith(("avx", "fma", "sse4"))]
+    return f"{model} ({' '.join(vector) or 'no AVX flags'})"
+
+
+def markdown(summaries: list[dict], meta: dict) -> str:
+    lines = [
+        "# Accuracy race: naqs vs NetKet at equal wall time",
+        "",
+        f"{meta['date']}; CPU: {meta['cpu']}; {meta['threads']} threads pinned to CPUs"
+        f" {meta['cpus']}; load before: {meta['load_before']}, after: {meta['load_after']};"
+        f" {meta['versions']}.",
+        "",
+        "Relative error (E − E0)/|E0| of the final state (16 sites: exact; 36: 65,536"
+        " samples), median over seeds, worst case, V-score = N·Var(E)/E² (median seed).",
+        "",
+    ]
+    for s in summaries:
+        lines += [
+            f"## {s['case']} ({s['budget_s']:g} s; reference: {s['reference_source']})",
+            "",
+            "| contender | dtype | params | median rel. error | worst | V-score | steps"
+            " | compile s | hyperparameters |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, row in s["contenders"].items():
+            vscore = statistics.median(row["v_scores"]) if row["v_scores"] else math.nan
+            steps = "/".join(str(x) for x in row["steps"])
+            compile_s = "/".join(f"{x:.0f}" for x in row["compile_s"] if x is not None)
+            hyper = ", ".join(f"{k}={v}" for k, v in row["hyper"].items()) or "defaults"
+            failed = f" ({len(row['failed'])} failed)" if row["failed"] else ""
+            lines.append(
+                f"| {label}{failed} | {row['dtype']} | {row['n_params']} |"
+                f" {row['median']:.2e} ± {row['median_err']:.0e} | {row['worst']:.2e} |"
+                f" {vscore:.1e} | {steps} | {compile_s} | {hyper} |"
+            )
+        lines += [
+            "",
+            f"naqs / best NetKet ({s['best_netket']}): **{s['verdict']}**"
+            f" (ratio {s['ratio']:.3g}, relative uncertainty {s['ratio_uncertainty']:.2g})",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def tune(args, cases: list[Case]) -> None:
+    """Grid-search every contender on the tuning seeds; write results/race_tuned.json."""
+    tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    naqs_label = f"naqs_{args.naqs_optim}"
+    for case in cases:
+        best: dict[str, tuple[float, dict]] = {}
+        for label, side, _ in contenders(args.naqs_optim, {}, case.name):
+            grid = ADAM_GRID if label.endswith("adam") else SR_GRID
+            for values in itertools.product(*grid.values()):
+                hyper = dict(zip(grid, values, strict=True))
+                runs = [run_one(case, label, side, hyper, s, args) for s in TUNE_SEEDS]
+                errors = [r.get("relative_error", math.inf) for r in runs]
+                score = statistics.median(errors)
+                if score < best.get(label, (math.inf, {}))[0]:
+                    best[label] = (score, hyper)
+        tuned[case.name] = {label: hyper for label, (_, hyper) in best.items()}
+        print(f"tuned {case.name}: {tuned[case.name]}", flush=True)
+        TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
+    del naqs_label
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--naqs-optim", default="minsr", choices=("adam", "sr", "minsr"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpus", default="0,1")
+    parser.add_argument("--tune", action="store_true", help="grid-search (make race-tune)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    if not NETKET_PYTHON.exists():
+        print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
+        return 2
+    cases = [CASES[c] for c in args.cases.split(",")]
+    if args.tune:
+        tune(args, cases)
+        return 0
+    tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_description(),
+        "threads": args.threads,
+        "cpus": args.cpus,
+        "load_before": load_average(),
+        "tuned": str(TUNED.relative_to(ROOT)) if TUNED.exists() else "untuned defaults",
+    }
+    summaries, all_runs = [], []
+    for case in cases:
+        runs = []
+        for seed in seeds:
+            for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
+                runs.append(run_one(case, label, side, hyper, seed, args))
+        summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_case(case, runs, args.out / f"race_{case.name}.png")
+        all_runs += runs
+    meta["load_after"] = load_average()
+    versions = {r["side"]: r["version"] for r in all_runs if "version" in r}
+    meta["versions"] = "; ".join(f"{k}: {v}" for k, v in sorted(versions.items()))
+    (args.out / "race.json").write_text(
+        json.dumps({"meta": meta, "summaries": summaries, "runs": all_runs}, indent=1) + "\n"
+    )
+    (args.out / "race.md").write_text(markdown(summaries, meta))
+    verdicts = {s["case"]: s["verdict"] for s in summaries}
+    print("race " + " ".join(f"{c}={verdicts.get(c, 'n/a')}" for c in CASES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
