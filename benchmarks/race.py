@@ -309,8 +309,12 @@ def markdown(summaries: list[dict], meta: dict) -> str:
         "",
     ]
     for s in summaries:
+        own = s.get("meta", meta)
         lines += [
             f"## {s['case']} ({s['budget_s']:g} s; reference: {s['reference_source']})",
+            "",
+            f"Raced {own['date']}, load before {own['load_before']}, after"
+            f" {own.get('load_after', '?')}; naqs hyperparameters: {own['tuned']}.",
             "",
             "| contender | dtype | params | median rel. error | worst | V-score | steps"
             " | compile s | hyperparameters |",
@@ -364,6 +368,26 @@ def tune(args, cases: list[Case]) -> None:
     del naqs_label
 
 
+def merge_previous(path: Path, summaries: list[dict], runs: list[dict]):
+    """Keep the cases of an earlier race.json that this run did not race (each summary keeps
+    its own run conditions in `meta`), in the order of CASES."""
+    if not path.exists():
+        return summaries, runs
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return summaries, runs
+    done = {s["case"] for s in summaries}
+    kept = [
+        {**s, "meta": s.get("meta", old.get("meta"))}
+        for s in old.get("summaries", [])
+        if s["case"] not in done
+    ]
+    merged = sorted(summaries + kept, key=lambda s: list(CASES).index(s["case"]))
+    runs = runs + [r for r in old.get("runs", []) if r.get("case") not in done]
+    return merged, runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
@@ -404,6 +428,9 @@ def main() -> int:
     meta["load_after"] = load_average()
     versions = {r["side"]: r["version"] for r in all_runs if "version" in r}
     meta["versions"] = "; ".join(f"{k}: {v}" for k, v in sorted(versions.items()))
+    for s in summaries:
+        s["meta"] = meta
+    summaries, all_runs = merge_previous(args.out / "race.json", summaries, all_runs)
     (args.out / "race.json").write_text(
         json.dumps({"meta": meta, "summaries": summaries, "runs": all_runs}, indent=1) + "\n"
     )

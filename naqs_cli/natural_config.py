@@ -68,7 +68,7 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
             "sampler",
             "fullsum",
             f"optim=minsr solves a system of 2·2^N rows, so N <= {MINSR_FULLSUM_MAX_SITES};"
-            f" {lattice.describe()} has N = {n_sites}: use sampler=direct or optim=sr",
+            f" {lattice.describe()} has N = {n_sites}: use sampler=direct, optim=sr or optim=adam",
         )
     if kind == "sr":
         limit = optim.max_params

@@ -48,7 +48,7 @@ CASES = [
     (["train", "model.channels=1"], ["model.channels=1", ">= 2"]),
     (["train", "optim.lr=0"], ["optim.lr=0", "> 0"]),
     (["train", "optim.lr=-0.1"], ["optim.lr=-0.1", "> 0"]),
-    (["train", "optim.betas=[0.9]"], ["optim.betas", "two numbers"]),
+    (["train", "optim=adam", "optim.betas=[0.9]"], ["optim.betas", "two numbers"]),
     (["train", "train.stages=[]"], ["train.stages", "at least one"]),
     (["train", "seed=-1"], ["seed=-1", "integer"]),
     (["train", "ham=heisenberg", "model.total_sz=0.5"], ["model.total_sz=0.5", "integer"]),

@@ -183,6 +183,7 @@ def test_nan_energies_roll_back_then_persistent_nan_stops(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "train.steps=40", "train.log_every=2", "train.checkpoint_every=4"]
     args += ["train.max_nonfinite=3", "train.max_rollbacks=2", f"hydra.run.dir={run}"]
+    args += ["optim.lr=0.01"]
     # Steps 5-7 fail: back to step 4 at half the lr, recovered by step 8 (checkpoint); from
     # step 9 on everything fails: back to 8 twice, then a clear stop.
     proc = _run_hooked("nan_energies", "train", *args, env=_params(calls="6-8,14-"))
