@@ -33,7 +33,8 @@ import torch
 CASES = {
     "tfim4x4": ["lattice.Lx=4", "lattice.Ly=4", "ham=tfim", "ham.gamma=3.0"],
     "tfim6x6": ["lattice.Lx=6", "lattice.Ly=6", "lattice.pbc=true", "ham=tfim", "ham.gamma=3.0"],
-    "heis4x4": ["lattice.Lx=4", "lattice.Ly=4", "ham=heisenberg", "model.total_sz=0"],
+    "heis4x4": ["lattice.Lx=4", "lattice.Ly=4", "ham=heisenberg", "model.total_sz=0"]
+    + ["model.phase=false"],  # Marshall sign: positive amplitudes, as NetKet's real models
 }
 CONTENDERS = ("adam", "sr", "minsr")
 
