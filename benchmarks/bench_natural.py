@@ -12,9 +12,10 @@ resident memory is its own) with 2 threads:
   sample's row of ∂ ln Ψ/∂θ) against one forward + backward pass of the same batch (the
   Eq. 4 gradient of Adam), best of 2 after a warm-up; the ratio is the cost of the rows in
   gradient passes.
-- `minsr_step` (L = 12, 1,024 samples): one whole `optim=minsr` step (Jacobian, kernel
-  T = XXᵀ in float64, Cholesky solve, update) after a warm-up step; seconds per phase and the
-  peak resident memory of the process (`ru_maxrss`), against the 4 GB the step may take.
+- `minsr_step` (L = 12, 1,024 samples): one whole `optim=minsr` step after a warm-up step;
+  seconds per phase and the resident-memory high-water mark (VmHWM, reset before each phase)
+  of the update (Jacobian, kernel T = XXᵀ in float64, Cholesky solve), against the 4 GB it may
+  take; the child runs with a fixed glibc mmap threshold so freed buffers are returned.
 
 `--quick`: 4 layers × 8 channels, L = 4, 64 samples (a smoke run). Writes
 `benchmarks/results/natural.json` and `natural.md`.
@@ -23,6 +24,7 @@ resident memory is its own) with 2 threads:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -109,18 +111,24 @@ def case_minsr_step(side: int, layers: int, channels: int, n_samples: int) -> di
     n_params = sum(p.numel() for p in state.parameters())
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     times: dict[str, float] = {}
+    peaks: dict[str, float] = {}
     for _ in range(2):  # the first step warms up; the second is timed
+        _reset_peak()
         start = time.perf_counter()
         batch = state.sample(n_samples)
         times["sample_s"] = time.perf_counter() - start
         start = time.perf_counter()
         e_loc = state.local_energy(batch)
         times["local_energy_s"] = time.perf_counter() - start
+        peaks["sample_and_local_energy_gb"] = _peak_gb()
+        _reset_peak()
         start = time.perf_counter()
         result = rule.step(state, batch, e_loc)
         times["step_s"] = time.perf_counter() - start
         times["solve_s"] = float(result.info["solve_time"])
+        peaks["update_gb"] = _peak_gb()
         assert result.is_finite, "the MinSR step failed"
+        del batch, e_loc, result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows_gb = 2 * n_samples * n_params * 4 / 2**30
     del natural
@@ -132,8 +140,23 @@ def case_minsr_step(side: int, layers: int, channels: int, n_samples: int) -> di
         "rows_gb": rows_gb,
         "baseline_rss_gb": baseline,
         "peak_rss_gb": peak,
-        "within_limit": peak <= MEMORY_LIMIT_GB,
+        **peaks,
+        "within_limit": peaks["update_gb"] <= MEMORY_LIMIT_GB,
     }
+
+
+def _reset_peak() -> None:
+    """Reset this process's resident-memory high-water mark (Linux: clear_refs 5)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_gb() -> float:
+    """The resident-memory high-water mark since the last reset (VmHWM), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 CASES = {"jacobian": case_jacobian, "minsr_step": case_minsr_step}
@@ -141,7 +164,11 @@ CASES = {"jacobian": case_jacobian, "minsr_step": case_minsr_step}
 
 def run_child(name: str, arguments: list[int]) -> dict:
     """Run one case in a fresh process (2 threads) and return its result."""
+    # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps freed
+    # blocks in the heap, so the resident high-water mark would count the previous step's
+    # freed buffers (measured: 6.4 GB instead of the step's own peak).
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [sys.executable, __file__, "--child", name, *map(str, arguments)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -185,10 +212,12 @@ def write_results(results: dict, meta: dict) -> None:
         f"| per-sample rows vs one forward + backward | {jac['side']} | {jac['n_samples']} |"
         f" {jac['n_params']:,} | {jac['log_derivatives_s']:.2f} s vs"
         f" {jac['gradient_pass_s']:.2f} s = **{jac['ratio']:.2f}×** |",
-        f"| MinSR step, peak resident memory | {step['side']} | {step['n_samples']} |"
-        f" {step['n_params']:,} | **{step['peak_rss_gb']:.2f} GB** (limit"
+        f"| MinSR update (Jacobian, kernel, solve), peak resident memory | {step['side']} |"
+        f" {step['n_samples']} | {step['n_params']:,} | **{step['update_gb']:.2f} GB** (limit"
         f" {MEMORY_LIMIT_GB:g} GB; rows X alone {step['rows_gb']:.2f} GB; after model build"
-        f" {step['baseline_rss_gb']:.2f} GB) |",
+        f" {step['baseline_rss_gb']:.2f} GB; sampling + local energies"
+        f" {step['sample_and_local_energy_gb']:.2f} GB; whole process {step['peak_rss_gb']:.2f}"
+        " GB) |",
         f"| MinSR step, seconds | {step['side']} | {step['n_samples']} | |"
         f" step {step['step_s']:.1f} s (solve {step['solve_s']:.2f} s); sampling"
         f" {step['sample_s']:.1f} s, local energies {step['local_energy_s']:.1f} s |",
@@ -200,6 +229,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=sorted(CASES), help="run one case (others: kept)")
     args = parser.parse_args()
     if args.child:
         name, *numbers = args.child
@@ -225,7 +255,12 @@ def main() -> int:
         "quick": args.quick,
     }
     results = {}
+    previous = RESULTS_DIR / "natural.json"
+    if args.only and previous.exists():
+        results = json.loads(previous.read_text())["results"]
     for name, arguments in sizes.items():
+        if args.only and name != args.only:
+            continue
         results[name] = run_child(name, arguments)
         print(f"{name}: {results[name]}", flush=True)
     meta["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())

@@ -39,8 +39,10 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 #: Memory the rows of one chunk may take, counting as much again for the per-call gradients
-#: (large models get chunks of fewer samples than `chunk_size`).
-ROWS_BYTES = 2**30
+#: (large models get chunks of fewer samples than `chunk_size`). 256 MB: the paper's 18 × 32
+#: model (398k parameters) then takes 41 samples per chunk, and a MinSR update at L = 12 with
+#: 1,024 samples stays near its 3.0 GB of stored rows (`make bench`, results/natural.md).
+ROWS_BYTES = 2**28
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
