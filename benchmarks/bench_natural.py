@@ -28,7 +28,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -178,18 +177,10 @@ def run_child(name: str, arguments: list[int]) -> dict:
 
 
 def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    vector = [f for f in flags if f.startswith(("avx", "fma"))]
-    return f"{model} ({' '.join(vector) or 'no AVX flags'})"
+    """The CPU model and its vector extensions (shared with the race report)."""
+    from race import cpu_description as describe  # benchmarks/ is on sys.path
+
+    return describe()
 
 
 def write_results(results: dict, meta: dict) -> None:

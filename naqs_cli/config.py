@@ -111,25 +111,6 @@ class SGDConfig:
 
 
 @dataclass
-class SRConfig:
-    """Stochastic reconfiguration (naqs_cli.natural: the keys are explained there)."""
-
-    _target_: str = "naqs_cli.natural.SR"
-    lr: float = 0.02
-    diag_shift: float = 1e-3
-    diag_shift_rel: float = 0.0
-    diag_shift_final: float | None = None
-    rcond: float | None = None
-    spring: float = 0.0
-    solver: str = "cholesky"
-    max_params: int = 20000
-    schedule: str = "constant"
-    step_every: int = 1000
-    step_factor: float = 0.5
-    grad_clip: float | None = None
-
-
-@dataclass
 class MinSRConfig:
     """MinSR (naqs_cli.natural: the keys are explained there)."""
 
@@ -145,6 +126,14 @@ class MinSRConfig:
     step_every: int = 1000
     step_factor: float = 0.5
     grad_clip: float | None = None
+
+
+@dataclass
+class SRConfig(MinSRConfig):
+    """Stochastic reconfiguration: MinSR's keys plus `max_params` (naqs_cli.natural)."""
+
+    _target_: str = "naqs_cli.natural.SR"
+    max_params: int = 20000
 
 
 # --- primary configs -----------------------------------------------------------------------

@@ -68,7 +68,8 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
             "sampler",
             "fullsum",
             f"optim=minsr solves a system of 2·2^N rows, so N <= {MINSR_FULLSUM_MAX_SITES};"
-            f" {lattice.describe()} has N = {n_sites}: use sampler=direct, optim=sr or optim=adam",
+            f" {lattice.describe()} has N = {n_sites}: use sampler=direct or optim=adam (optim=sr"
+            " for models within optim.max_params)",
         )
     if kind == "sr":
         limit = optim.max_params
