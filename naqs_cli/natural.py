@@ -66,6 +66,8 @@ SOLVERS = ("cholesky", "eigh")
 MINSR_FULLSUM_MAX_SITES = 12
 #: Float64 elements of Jacobian rows converted at a time when S, T or products are formed.
 BLOCK_ELEMENTS = 2**22
+#: MinSR keeps X in float64 when that takes at most this much (else float32 X, float64 blocks).
+FLOAT64_ROWS_BYTES = 2**27
 #: Keys of `StepResult.info` (the history columns the rules add).
 INFO_KEYS = ("diag_shift", "update_norm", "effective_rank", "solve_time")
 
@@ -108,6 +110,16 @@ def effective_rank(eigenvalues: Tensor) -> Tensor:
     p = eigenvalues.clamp(min=0)
     p = p / p.sum()
     return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+def _add_lower_gram(gram: Tensor, b: Tensor, bands: int = 4) -> None:
+    """Add the lower triangle of b bᵀ to `gram` (and some of the upper), in row bands:
+    (bands + 1)/(2·bands) of the full product's work (measured: 0.11 s instead of 0.17 s for
+    512 × 20,228 in float64 on 2 cores)."""
+    n = b.shape[0]
+    edges = [i * n // bands for i in range(bands + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        gram[lo:hi, :hi].addmm_(b[lo:hi], b[:hi].T)
 
 
 def _column_blocks(n_rows: int, start: int, stop: int) -> Iterable[slice]:
@@ -313,19 +325,18 @@ class SR(NaturalGradientRule):
         sums = torch.zeros(3, n_params, dtype=torch.float64, device=device)
         height = max(1, BLOCK_ELEMENTS // max(2 * n_params, 1))
         start = 0
-        for o in state.log_derivatives(x):
-            for rows in (
-                slice(r, min(r + height, o.shape[0])) for r in range(0, o.shape[0], height)
-            ):
-                block = o[rows].to(torch.complex128)
+        for o in state.log_derivative_rows(x):
+            n_chunk = o.shape[1]
+            for rows in (slice(r, min(r + height, n_chunk)) for r in range(0, n_chunk, height)):
+                block = o[:, rows].to(torch.float64)  # (2, h, P): Re O, Im O
                 w = weights[start + rows.start : start + rows.stop]
                 e = centred[start + rows.start : start + rows.stop]
-                sums[0] += w @ block.real
-                sums[1] += w @ block.imag
-                sums[2] += (w * e.real) @ block.real + (w * e.imag) @ block.imag
-                scaled = torch.cat([block.real, block.imag]) * w.sqrt().repeat(2)[:, None]
+                sums[0] += w @ block[0]
+                sums[1] += w @ block[1]
+                sums[2] += (w * e.real) @ block[0] + (w * e.imag) @ block[1]
+                scaled = (block * w.sqrt()[:, None]).reshape(-1, n_params)
                 second.addmm_(scaled.T, scaled)
-            start += o.shape[0]
+            start += n_chunk
         e_sum = (weights * centred).sum()
         distributed.all_reduce_sum(second)
         distributed.all_reduce_sum(sums)
@@ -374,12 +385,17 @@ class MinSR(NaturalGradientRule):
         n_batch = x.shape[0]
         rows = None
         start = 0
-        for o in state.log_derivatives(x):
+        for o in state.log_derivative_rows(x):
+            if o.shape[1] == n_batch:  # one chunk: its (2, B, P) buffer is X's layout
+                rows = o.reshape(2 * n_batch, -1)
+                break
             if rows is None:
-                rows = o.real.new_empty(2 * n_batch, o.shape[1])
-            stop = start + o.shape[0]
-            rows[start:stop], rows[n_batch + start : n_batch + stop] = o.real, o.imag
-            start = stop
+                rows = o.new_empty(2, n_batch, o.shape[2])
+            rows[:, start : start + o.shape[1]] = o
+            start += o.shape[1]
+        rows = rows.reshape(2 * n_batch, -1)
+        if rows.numel() * 8 <= FLOAT64_ROWS_BYTES:  # small: one conversion, not one per use
+            rows = rows.to(torch.float64)
         halves = torch.zeros(2, rows.shape[1], dtype=torch.float64, device=rows.device)
         for cols in _column_blocks(2 * n_batch, 0, rows.shape[1]):
             block = rows[:, cols].to(torch.float64)
@@ -421,8 +437,8 @@ class MinSR(NaturalGradientRule):
 
         gram = torch.zeros(n_rows, n_rows, dtype=torch.float64, device=rows.device)
         for cols in _column_blocks(n_rows, lo, hi):
-            b = block(cols)
-            gram.addmm_(b, b.T)
+            _add_lower_gram(gram, block(cols))
+        gram = torch.tril(gram) + torch.tril(gram, -1).T
         distributed.all_reduce_sum(gram)
         rhs = force
         previous = self._momentum()

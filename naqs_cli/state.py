@@ -109,5 +109,10 @@ class VariationalState:
             (b, P) complex tensors (complex64 for a float32 model), in the order of `x`; the
             columns are `parameters()`, flattened, in order.
         """
+        for rows in self.log_derivative_rows(x):
+            yield torch.complex(rows[0], rows[1])
+
+    def log_derivative_rows(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the same rows as real tensors (2, b, P) = [Re O; Im O], chunk by chunk."""
         chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
-        yield from jacobian.log_derivatives(self.model, x, chunk_size)
+        yield from jacobian.log_derivative_rows(self.model, x, chunk_size)

@@ -169,6 +169,20 @@ def test_log_derivatives_equal_one_backward_pass_per_sample(overrides):
     torch.testing.assert_close(got, _one_by_one(state.model, x), rtol=0, atol=1e-12)
 
 
+def test_pixelcnn_rows_take_two_backward_passes_per_chunk(monkeypatch):
+    """The weight-normalized convolutions map ∂/∂W to (V, g) in closed form: no batched
+    vector-Jacobian product (the slow path), only the Re and Im backward passes."""
+    cfg = compose("train", ["lattice.Lx=3", "lattice.Ly=3", "model.layers=2", "model.channels=4"])
+    model = build.build_training(cfg).state.model
+    x, _ = model.sample(6, torch.Generator().manual_seed(1))
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    rows = list(jacobian.log_derivative_rows(model, x, chunk_size=4))
+    assert [r.shape[:2] for r in rows] == [(2, 4), (2, 2)]
+    assert len(calls) == 4
+
+
 def test_log_derivatives_of_an_untapped_model_fall_back_to_one_pass_per_sample():
     class Scaled(torch.nn.Module):  # a parameter outside conv2d / linear
         def __init__(self, base):

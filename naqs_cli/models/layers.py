@@ -11,6 +11,9 @@ from torch import Tensor, nn
 #: Run the convolutions on channels-last (NHWC) activations: oneDNN's CPU kernels for the small
 #: channel counts of these networks are faster without the per-call NCHW ↔ blocked reorders.
 CHANNELS_LAST = True
+#: The attribute `WeightNormConv2d` sets on the weight it passes to `F.conv2d`: (V, g), so
+#: per-sample derivatives (`naqs_cli.jacobian`) map ∂/∂W to V and g in closed form.
+WEIGHT_NORM_ATTRIBUTE = "_naqs_weight_norm"
 
 
 class WeightNormConv2d(nn.Module):
@@ -52,6 +55,7 @@ class WeightNormConv2d(nn.Module):
         if CHANNELS_LAST:
             x = x.contiguous(memory_format=torch.channels_last)
             weight = weight.contiguous(memory_format=torch.channels_last)
+        setattr(weight, WEIGHT_NORM_ATTRIBUTE, (self.weight_v, self.weight_g))
         return F.conv2d(x, weight, self.bias, padding=padding)
 
 
