@@ -9,7 +9,7 @@ PYTEST_FLAGS ?=
 # Test processes (pytest-xdist); a test file runs whole in one process (module fixtures once).
 TEST_WORKERS ?= 2
 
-.PHONY: install test validate lint format run bench bench-netket race race-tune clean help
+.PHONY: install test validate lint format run bench bench-netket race race-tune gpu-check clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +63,9 @@ $(NETKET_STAMP): benchmarks/requirements-netket.txt
 	$(NETKET_VENV)/bin/python -m pip install -q --disable-pip-version-check \
 		-r benchmarks/requirements-netket.txt
 	@touch $(NETKET_STAMP)
+
+gpu-check: install  ## on a CUDA machine: GPU tests, throughput, 10x10 training (< 8 min) -> results/gpu.md
+	benchmarks/gpu_check.sh
 
 clean:  ## remove the venv, caches and run outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
