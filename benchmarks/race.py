@@ -175,8 +175,8 @@ def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, 
     """(label, side, hyperparameters) of every contender of a case."""
     own = tuned.get(case, {})
     naqs_label = f"naqs_{naqs_optim}"
-    out = [(naqs_label, "naqs", own.get(naqs_label, {}))]
     defaults = {**DEFAULT_HYPER, **CASE_DEFAULT_HYPER.get(case, {})}
+    out = [(naqs_label, "naqs", own.get(naqs_label, defaults.get(naqs_label, {})))]
     out += [(c, "netket", own.get(c, defaults[c])) for c in NETKET_CONTENDERS]
     return out
 
@@ -333,7 +333,12 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             f"## {s['case']} ({s['budget_s']:g} s; reference: {s['reference_source']})",
             "",
             f"Raced {own['date']}, load before {own['load_before']}, after"
-            f" {own.get('load_after', '?')}; naqs hyperparameters: {own['tuned']}.",
+            f" {own.get('load_after', '?')}; naqs hyperparameters: {own['tuned']}."
+            + (
+                f" Runs kept (not rerun): {own['kept'][s['case']]}."
+                if s["case"] in own.get("kept", {})
+                else ""
+            ),
             "",
             "| contender | dtype | params | median rel. error | worst | V-score | steps"
             " | compile s | hyperparameters |",
@@ -417,6 +422,12 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true", help="grid-search (make race-tune)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from race.json")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="contenders to run, e.g. naqs_minsr; the other contenders' runs of each case are"
+        " kept from the existing race.json (the report says so, with their date)",
+    )
     args = parser.parse_args()
     if not NETKET_PYTHON.exists():
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
@@ -440,14 +451,33 @@ def main() -> int:
         "threads": args.threads,
         "cpus": args.cpus,
         "load_before": load_average(),
-        "tuned": str(TUNED.relative_to(ROOT)) if TUNED.exists() else "untuned defaults",
+        "tuned": str(TUNED.relative_to(ROOT))
+        if TUNED.exists()
+        else "no race-tune run: the defaults in race.py (DEFAULT_HYPER, CASE_DEFAULT_HYPER)",
     }
+    only = [c for c in args.only.split(",") if c]
+    previous = {"runs": [], "summaries": []}
+    if only and (args.out / "race.json").exists():
+        previous = json.loads((args.out / "race.json").read_text())
+        meta["kept"] = {}
     summaries, all_runs = [], []
     for case in cases:
         runs = []
         for seed in seeds:
             for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
-                runs.append(run_one(case, label, side, hyper, seed, args))
+                if not only or label in only:
+                    runs.append(run_one(case, label, side, hyper, seed, args))
+        if only:
+            kept = [
+                r for r in previous["runs"] if r.get("case") == case.name and r["label"] not in only
+            ]
+            old = next((s for s in previous["summaries"] if s["case"] == case.name), {})
+            labels = ", ".join(dict.fromkeys(r["label"] for r in kept))
+            if kept:
+                meta["kept"][case.name] = (
+                    f"{labels} from the race of {old.get('meta', {}).get('date', '?')}"
+                )
+            runs += kept
         summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
         args.out.mkdir(parents=True, exist_ok=True)
         plot_case(case, runs, args.out / f"race_{case.name}.png")

@@ -6,7 +6,7 @@ every sample's row of the Jacobian. During the forward pass a `TorchFunctionMode
 call's input and adds a zero "probe" to its output. The backward passes then deliver
 ∂ ln Ψ/∂y for each call's output y, row by row (samples do not mix in these networks), and the
 per-sample gradient of the call's weight follows as in backpropagation but without the sum
-over the batch: for a convolution Σ_positions unfold(input) ⊗ ∂y, for a linear map input ⊗ ∂y.
+over the batch: for a convolution Σ_positions patch(input) ⊗ ∂y, for a linear map input ⊗ ∂y.
 A weight-normalized weight W = g·V/‖V‖ (tagged by `WeightNormConv2d`) maps these to V and g in
 closed form; any other weight computed from parameters (a masked W ⊙ M) by a vector-Jacobian
 product batched over the samples. Every chunk's rows are written straight into one (2, B, P)
@@ -208,22 +208,44 @@ def _per_sample_grads(call: _Call, dy: Tensor, n_batch: int) -> tuple[Tensor, Te
     rep = n_rows // n_batch
     if call.conv:
         weight = call.weight
-        opts = call.options
-        unfolded = F.unfold(
-            call.x.contiguous(),  # im2col is slow on channels-last inputs
-            weight.shape[-2:],
-            dilation=opts["dilation"],
-            padding=opts["padding"],
-            stride=opts["stride"],
-        )  # (R, C_in·kh·kw, L)
-        dy = dy.flatten(3).reshape(2, n_batch, rep, weight.shape[0], -1)  # (2, B, rep, O, L)
-        unfolded = unfolded.reshape(n_batch, rep, unfolded.shape[1], -1)
-        d_weight = torch.einsum("sbrol,brkl->sbok", dy, unfolded)
-        return d_weight.reshape(2, n_batch, *weight.shape), dy.sum(dim=(2, 4))
+        n_out, n_in, kh, kw = weight.shape
+        patches = _patches(call.x, (kh, kw), call.options)  # (R, L, K), K in (kh, kw, C_in)
+        dy = dy.flatten(3).reshape(2, n_batch, rep, n_out, -1)  # (2, B, rep, O, L)
+        patches = patches.reshape(n_batch, rep, patches.shape[1], -1)
+        d_weight = torch.einsum("sbrol,brlk->sbok", dy, patches)
+        d_weight = d_weight.view(2, n_batch, n_out, kh, kw, n_in).permute(0, 1, 2, 5, 3, 4)
+        return d_weight, dy.sum(dim=(2, 4))
     n_out = dy.shape[-1]
     dy = dy.reshape(2, n_batch, -1, n_out)  # rows and any middle dimensions together
     inputs = call.x.reshape(n_batch, -1, call.x.shape[-1])
     return torch.einsum("sbmo,bmi->sboi", dy, inputs), dy.sum(dim=2)
+
+
+def _patches(x: Tensor, kernel: tuple[int, int], options: dict[str, Any]) -> Tensor:
+    """Return the (R, L, kh·kw·C) input patches of a convolution, one row per output position.
+
+    A strided view of the padded channels-last input, copied once by the reshape: 3-7x faster
+    than `F.unfold` (im2col) on these small maps (measured, 2 cores: B = 4,096, 8 channels,
+    4 × 4 lattice, 3 × 3 kernel: 5.4 ms against 38 ms). Stride or dilation ≠ 1 use `F.unfold`.
+    """
+    kh, kw = kernel
+    padding = options["padding"]
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if options["stride"] not in (1, (1, 1)) or options["dilation"] not in (1, (1, 1)):
+        cols = F.unfold(x.contiguous(), kernel, options["dilation"], padding, options["stride"])
+        n_rows, n_channels = x.shape[:2]  # (R, C·kh·kw, L) → (R, L, kh·kw·C)
+        cols = cols.view(n_rows, n_channels, kh, kw, -1).permute(0, 4, 2, 3, 1)
+        return cols.reshape(n_rows, cols.shape[1], -1)
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    x = x.contiguous(memory_format=torch.channels_last)
+    n_rows, n_channels, height, width = x.shape
+    out_h, out_w = height - kh + 1, width - kw + 1
+    s_row, s_channel, s_h, s_w = x.stride()
+    view = x.as_strided(
+        (n_rows, out_h, out_w, kh, kw, n_channels), (s_row, s_h, s_w, s_h, s_w, s_channel)
+    )
+    return view.reshape(n_rows, out_h * out_w, kh * kw * n_channels)
 
 
 def _rows_one_by_one(model: torch.nn.Module, params: list[Tensor], x: Tensor) -> Tensor:

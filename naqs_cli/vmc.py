@@ -66,7 +66,8 @@ def local_energy(
     Models with `ratio_cache` / `log_psi_ratios` (every autoregressive model) get the ratios
     Ψ(x')/Ψ(x) from them: the PixelCNN recomputes only the rows from each x's first changed
     row on, reusing the activations of x's own forward pass, in chunks of reference
-    configurations whose cache fits `RATIO_CACHE_BYTES`. Other models (the symmetrized
+    configurations whose cache fits `RATIO_CACHE_BYTES`; repeated configurations are evaluated
+    once. Other models (the symmetrized
     wrapper) evaluate ln Ψ(x') in full. A full-basis batch (fullsum) uses (HΨ)(x)/Ψ(x) with
     the sparse matrix; states with Ψ = 0 get E_loc = 0 (their weight is 0).
 
@@ -84,15 +85,18 @@ def local_energy(
         return _local_energy_full_basis(hamiltonian, log_psi)
     if not hasattr(model, "log_psi_ratios"):
         return _local_energy_full_passes(model, hamiltonian, batch, chunk_size)
+    # Exact samples repeat where |Ψ|² is peaked (Heisenberg: Néel-like configurations):
+    # each distinct configuration once.
+    x, inverse = torch.unique(x, dim=0, return_inverse=True)
     workers = parallel.n_workers(x.shape[0], MIN_REFERENCES_PER_THREAD, x.device)
     parts = parallel.run_split(
         lambda part: _local_energy_by_ratios(model, hamiltonian, x[part], chunk_size),
         x.shape[0],
         workers,
     )
-    return LocalEnergy(
-        torch.cat([p.total for p in parts]), torch.cat([p.off_diagonal for p in parts])
-    )
+    total = torch.cat([p.total for p in parts])
+    off_diagonal = torch.cat([p.off_diagonal for p in parts])
+    return LocalEnergy(total[inverse], off_diagonal[inverse])
 
 
 @torch.no_grad()

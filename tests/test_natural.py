@@ -183,6 +183,31 @@ def test_pixelcnn_rows_take_two_backward_passes_per_chunk(monkeypatch):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("stride, dilation, padding", [(1, 1, (2, 1)), (2, 1, 1), (1, 2, (1, 2))])
+def test_convolution_rows_for_any_stride_dilation_and_padding(stride, dilation, padding):
+    """Strided-view patches (stride 1) and the im2col fallback against one pass per sample."""
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            self.weight = torch.nn.Parameter(torch.randn(3, 2, 3, 3, generator=generator))
+            self.bias = torch.nn.Parameter(torch.randn(3, generator=generator))
+            self.head = torch.nn.Linear(3, 2)
+
+        def log_psi(self, x):
+            image = (2.0 * x.double() - 1.0).view(-1, 1, 4, 5).repeat(1, 2, 1, 1)
+            image = image.contiguous(memory_format=torch.channels_last)
+            y = torch.nn.functional.conv2d(image, self.weight, self.bias, stride, padding, dilation)
+            out = self.head(torch.tanh(y).mean(dim=(2, 3)))
+            return torch.complex(out[:, 0], out[:, 1])
+
+    model = Toy().double()
+    x = (torch.rand(6, 20, generator=torch.Generator().manual_seed(1)) < 0.5).to(torch.int8)
+    got = torch.cat(list(jacobian.log_derivatives(model, x, chunk_size=4)))
+    torch.testing.assert_close(got, _one_by_one(model, x), rtol=0, atol=1e-12)
+
+
 def test_log_derivatives_of_an_untapped_model_fall_back_to_one_pass_per_sample():
     class Scaled(torch.nn.Module):  # a parameter outside conv2d / linear
         def __init__(self, base):

@@ -130,7 +130,7 @@ def test_generic_ratios_for_other_models():
     cache = dense.ratio_cache(x)
     got = dense.log_psi_ratios(cache, index, x_conn, first)
     assert (got - (dense.log_psi(x_conn) - log_psi[index])).abs().max().item() < TOLERANCE
-    # The symmetrized wrapper has no ratio API: local_energy evaluates it in full.
+    # The symmetrized wrapper's ratios (from its images' ratios) against full passes.
     wrapped = SymmetrizedWaveFunction(
         PixelCNN(lattice=lattice, layers=2, channels=4), symmetry="lattice"
     )
@@ -140,6 +140,35 @@ def test_generic_ratios_for_other_models():
     e_loc = vmc.local_energy(wrapped, hamiltonian, batch)
     reference = vmc._local_energy_full_passes(wrapped, hamiltonian, batch, chunk_size=64)
     assert (e_loc.total - reference.total).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "symmetry, phase, ham_name",
+    [
+        ("lattice_spin_flip", True, "tfim"),
+        ("lattice", False, "heisenberg"),
+        ("spin_flip", True, "heisenberg"),
+    ],
+)
+def test_symmetrized_ratios_equal_full_passes(symmetry, phase, ham_name):
+    lattice = SquareLattice(Lx=4, Ly=4)
+    total_sz = 0 if ham_name == "heisenberg" else None
+    base = PixelCNN(lattice=lattice, layers=3, channels=5, phase=phase, total_sz=total_sz)
+    model = SymmetrizedWaveFunction(_perturbed(base, seed=11), symmetry=symmetry)
+    hamiltonian = (
+        Heisenberg(lattice=lattice)
+        if ham_name == "heisenberg"
+        else TransverseFieldIsing(lattice=lattice, gamma=1.5)
+    )
+    x, _ = model.sample(7, torch.Generator().manual_seed(2))
+    index, x_conn, first = _connected(hamiltonian, x)
+    cache = model.ratio_cache(x)
+    torch.testing.assert_close(cache.log_psi, model.log_psi(x).detach(), rtol=0, atol=TOLERANCE)
+    expected = model.log_psi(x_conn) - model.log_psi(x)[index]
+    got = model.log_psi_ratios(cache, index, x_conn, first, chunk_size=5)
+    assert got.dtype == torch.complex128
+    assert (got - expected).abs().max().item() < TOLERANCE
+    assert model.log_psi_ratios(cache, index[:0], x_conn[:0]).shape == (0,)
 
 
 class _FullPasses(torch.nn.Module):
