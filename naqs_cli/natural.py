@@ -387,7 +387,7 @@ class MinSR(NaturalGradientRule):
         start = 0
         for o in state.log_derivative_rows(x):
             if o.shape[1] == n_batch:  # one chunk: its (2, B, P) buffer is X's layout
-                rows = o.reshape(2 * n_batch, -1)
+                rows = o
                 break
             if rows is None:
                 rows = o.new_empty(2, n_batch, o.shape[2])
