@@ -4,16 +4,22 @@ Runs in the project venv, started by `benchmarks/netket_compare.py`, which sets 
 environment (OMP_*). Prints one JSON line (the last line of stdout) with the parameter count
 and the timings:
 
-    .venv/bin/python benchmarks/netket_worker_naqs.py --side 10 --layers 4 --channels 14 --vmc
+    .venv/bin/python benchmarks/netket_worker_naqs.py \
+        --side 10 --layers 4 --channels 14 --vmc --heisenberg
 
-Model: `PixelCNN(phase=False)` in float32 on an open L × L square lattice, 2 torch threads.
-Timings exclude a warm-up call:
+Model: `PixelCNN(phase=False)` in float32 on an open L × L square lattice, no Σσᶻ
+constraint, 2 torch threads. Timings exclude a warm-up call; each `*_s` is the median of its
+repetitions, all of which are kept in `*_all_s`:
 
 * sample_s: `model.sample(batch, generator)` (the cached sampler).
-* log_psi_s: `model.log_psi(x)` under `torch.no_grad()` on `batch` configurations.
+* log_psi_s: `model.log_psi(x)` under `torch.no_grad()` on `batch` configurations, a freshly
+  sampled x every repetition (the sampling is not timed).
 * vmc_step_s: one training step as `naqs train` runs it, `DirectSampler.sample(model)` then
   `optim.train_step(model, hamiltonian, batch, optimizer, chunk_size=1024)` with SGD on the
-  TFIM H = −J Σ σᶻσᶻ − Γ Σ σˣ.
+  TFIM H = −J Σ σᶻσᶻ − Γ Σ σˣ (Pauli units).
+* heis_step_s (`--heisenberg`): the same step, from a freshly initialized model (seed 0), on
+  the Heisenberg H = J Σ Sᵢ·Sⱼ in S·S units (S = σ/2, a quarter of NetKet's Pauli units)
+  with the Marshall sign rule, J = 1.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +42,58 @@ def _pin_cpus(cpus: str) -> None:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
-def _best_time(function: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    """Return the fastest of `repeats` wall-clock timings of function(), and all of them."""
+def _median_time(
+    function: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
+    """Time `repeats` calls of function(), each on a new setup() result when there is a setup.
+
+    Args:
+        function: the timed call; it gets setup()'s result as its argument when setup is set.
+        repeats: number of timed calls.
+        setup: untimed, called before every timed call (e.g. to sample a fresh batch).
+
+    Returns:
+        The median wall-clock seconds of the calls, and all of them in call order.
+    """
     times = []
     for _ in range(repeats):
+        arguments = () if setup is None else (setup(),)
         start = time.perf_counter()
-        function()
+        function(*arguments)
         times.append(time.perf_counter() - start)
-    return min(times), times
+    return statistics.median(times), times
+
+
+def _time_step(
+    model: Any, hamiltonian: Any, batch: int, repeats: int
+) -> tuple[float, list[float], Any]:
+    """Time VMC steps (DirectSampler + SGD `train_step`) of model on hamiltonian.
+
+    Args:
+        model: the wave function; its parameters are updated.
+        hamiltonian: a `naqs_cli.hamiltonians` Hamiltonian.
+        batch: samples per step.
+        repeats: timed steps, after one untimed warm-up step.
+
+    Returns:
+        The median seconds per step, all timed steps' seconds, and the last step's result.
+    """
+    import torch
+
+    from naqs_cli.optim import train_step
+    from naqs_cli.samplers.direct import DirectSampler
+
+    sampler = DirectSampler(n_samples=batch, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    outcome: list[Any] = []
+
+    def step() -> None:
+        samples = sampler.sample(model)
+        outcome.append(train_step(model, hamiltonian, samples, optimizer, chunk_size=1024))
+
+    step()  # warm-up
+    median_s, all_s = _median_time(step, repeats)
+    return median_s, all_s, outcome[-1]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -53,37 +104,38 @@ def run(args: argparse.Namespace) -> dict:
     """
     import torch
 
-    from naqs_cli.hamiltonians import TransverseFieldIsing
+    from naqs_cli.hamiltonians import Heisenberg, TransverseFieldIsing
     from naqs_cli.lattice import SquareLattice
     from naqs_cli.models import PixelCNN
-    from naqs_cli.optim import train_step
-    from naqs_cli.samplers.direct import DirectSampler
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     lattice = SquareLattice(Lx=args.side, Ly=args.side)
-    model = PixelCNN(
-        lattice=lattice,
-        layers=args.layers,
-        channels=args.channels,
-        kernel_size=args.kernel_size,
-        phase=False,
-    ).float()
+
+    def new_model() -> PixelCNN:
+        torch.manual_seed(0)
+        return PixelCNN(
+            lattice=lattice,
+            layers=args.layers,
+            channels=args.channels,
+            kernel_size=args.kernel_size,
+            phase=False,
+            total_sz=None,
+        ).float()
+
+    model = new_model()
     generator = torch.Generator().manual_seed(0)
 
-    def sample() -> None:
-        model.sample(args.batch, generator)
+    def sample() -> torch.Tensor:
+        return model.sample(args.batch, generator)[0]  # no graph: sample is under no_grad
 
-    sample()  # warm-up
-    sample_s, sample_all = _best_time(sample, args.repeats)
-    x, _ = model.sample(args.batch, generator)
-
-    def log_psi() -> None:
+    def log_psi(x: torch.Tensor) -> None:
         with torch.no_grad():
             model.log_psi(x)
 
-    log_psi()  # warm-up
-    log_psi_s, log_psi_all = _best_time(log_psi, args.repeats)
+    sample()  # warm-up
+    sample_s, sample_all = _median_time(sample, args.repeats)
+    log_psi(sample())  # warm-up
+    log_psi_s, log_psi_all = _median_time(log_psi, args.repeats, setup=sample)
     result = {
         "program": "naqs",
         "model": "PixelCNN",
@@ -98,31 +150,39 @@ def run(args: argparse.Namespace) -> dict:
         "log_psi_s": log_psi_s,
         "log_psi_all_s": log_psi_all,
         "vmc_step_s": None,
+        "heis_step_s": None,
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
     }
-    if args.vmc:
-        hamiltonian = TransverseFieldIsing(lattice=lattice, J=args.J, gamma=args.gamma)
-        sampler = DirectSampler(n_samples=args.batch, seed=0)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-        outcome: list[Any] = []
-
-        def step() -> None:
-            batch = sampler.sample(model)
-            outcome.append(train_step(model, hamiltonian, batch, optimizer, chunk_size=1024))
-
-        step()  # warm-up
-        vmc_step_s, vmc_all = _best_time(step, args.vmc_repeats)
+    if args.vmc or args.heisenberg:
         result |= {
-            "vmc_step_s": vmc_step_s,
-            "vmc_step_all_s": vmc_all,
             "optimizer": f"SGD lr={LEARNING_RATE}",
-            "hamiltonian": hamiltonian.describe(),
-            # What vmc.local_energy does with this model: reuse x's activations, or full passes.
+            # What the local energy does with this model: reuse x's activations, or full passes.
             "local_energy": (
                 "ratio_cache" if hasattr(model, "log_psi_ratios") else "full log_psi passes"
             ),
-            "energy": float(outcome[-1].e_loc.total.real.mean()),
+        }
+    if args.vmc:
+        hamiltonian = TransverseFieldIsing(lattice=lattice, J=args.J, gamma=args.gamma)
+        vmc_step_s, vmc_all, outcome = _time_step(model, hamiltonian, args.batch, args.vmc_repeats)
+        result |= {
+            "vmc_step_s": vmc_step_s,
+            "vmc_step_all_s": vmc_all,
+            "hamiltonian": hamiltonian.describe(),
+            "energy": float(outcome.e_loc.total.real.mean()),
+            "energy_unit": "Pauli",
+        }
+    if args.heisenberg:
+        heisenberg = Heisenberg(lattice=lattice, J=args.J, sign_rule=True)
+        heis_step_s, heis_all, outcome = _time_step(
+            new_model(), heisenberg, args.batch, args.vmc_repeats
+        )
+        result |= {
+            "heis_step_s": heis_step_s,
+            "heis_step_all_s": heis_all,
+            "heis_hamiltonian": heisenberg.describe(),
+            "heis_energy": float(outcome.e_loc.total.real.mean()),
+            "heis_energy_unit": "S·S (S = σ/2)",
         }
     return result
 
@@ -136,8 +196,11 @@ def main() -> None:
     parser.add_argument("--kernel-size", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="timings of sample, log_psi")
-    parser.add_argument("--vmc", action="store_true", help="also time one VMC step")
-    parser.add_argument("--vmc-repeats", type=int, default=1)
+    parser.add_argument("--vmc", action="store_true", help="also time one TFIM VMC step")
+    parser.add_argument(
+        "--heisenberg", action="store_true", help="also time one Heisenberg VMC step"
+    )
+    parser.add_argument("--vmc-repeats", type=int, default=1, help="timed steps per Hamiltonian")
     parser.add_argument("--J", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")

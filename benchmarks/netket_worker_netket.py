@@ -5,16 +5,23 @@ by `benchmarks/netket_compare.py`, which sets the thread environment (XLA_FLAGS,
 one JSON line (the last line of stdout) with the parameter counts and the timings:
 
     benchmarks/netket_venv/bin/python benchmarks/netket_worker_netket.py \
-        --side 10 --layers 4 --features 32 --batch 1024 --vmc
+        --side 10 --layers 4 --features 32 --batch 1024 --vmc --heisenberg
 
 Model: `nk.models.FastARNNConv2D` (or `ARNNConv2D` with `--model plain`), float32 parameters,
-3×3 masked kernels, on an open L × L square lattice. Timings exclude JIT compilation (one
-warm-up call first) and end with `jax.block_until_ready`:
+3×3 masked kernels, on an open L × L square lattice, `nk.hilbert.Spin(0.5, N)` without a
+Σσᶻ constraint. Timings exclude JIT compilation (one warm-up call first) and end with
+`jax.block_until_ready`; each `*_s` is the median of its repetitions, all of which are kept in
+`*_all_s`:
 
 * sample_s: `MCState.sample()` of `batch` configurations with `nk.sampler.ARDirectSampler`.
-* log_psi_s: the jitted `model.apply(variables, x)` on `batch` configurations.
+* log_psi_s: the jitted `model.apply(variables, x)` on `batch` configurations, a freshly
+  sampled x every repetition (the sampling is not timed).
 * vmc_step_s: one `nk.VMC` step (`driver.run(1)`: sampling, local energies of the TFIM
   H = −J Σ σᶻσᶻ − Γ Σ σˣ as `nk.operator.IsingJax`, gradient, SGD update).
+* heis_step_s (`--heisenberg`): the same step, from a fresh `MCState` (seed 0), on
+  `nk.operator.Heisenberg(hilbert, graph, J, sign_rule=True)` (its default operator class,
+  recorded as `heis_operator`): H = J Σ σᵢ·σⱼ in Pauli units (4× naqs's S·S units) with the
+  Marshall sign rule.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,16 +44,29 @@ def _pin_cpus(cpus: str) -> None:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
-def _best_time(function: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    """Return the fastest of `repeats` timings of function() (blocked until ready), and all."""
+def _median_time(
+    function: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
+    """Time `repeats` calls of function() (blocked until ready), each on a new setup() result.
+
+    Args:
+        function: the timed call; it gets setup()'s result as its argument when setup is set.
+        repeats: number of timed calls.
+        setup: untimed, called (and blocked until ready) before every timed call, e.g. to
+            sample a fresh batch.
+
+    Returns:
+        The median wall-clock seconds of the calls, and all of them in call order.
+    """
     import jax
 
     times = []
     for _ in range(repeats):
+        arguments = () if setup is None else (jax.block_until_ready(setup()),)
         start = time.perf_counter()
-        jax.block_until_ready(function())
+        jax.block_until_ready(function(*arguments))
         times.append(time.perf_counter() - start)
-    return min(times), times
+    return statistics.median(times), times
 
 
 def _timed_once(function: Callable[[], Any]) -> float:
@@ -55,6 +76,35 @@ def _timed_once(function: Callable[[], Any]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(function())
     return time.perf_counter() - start
+
+
+def _time_step(
+    state: Any, hamiltonian: Any, repeats: int
+) -> tuple[float, list[float], float, dict[str, float]]:
+    """Time `nk.VMC` steps with SGD of state on hamiltonian.
+
+    Args:
+        state: the `MCState`; its parameters are updated.
+        hamiltonian: the NetKet operator.
+        repeats: timed steps, after one untimed warm-up step (which compiles).
+
+    Returns:
+        The median seconds per step, all timed steps' seconds, the last step's energy
+        (real part of the mean) and {"vmc_step": seconds of the warm-up step}.
+    """
+    import netket as nk
+
+    driver = nk.VMC(
+        hamiltonian, nk.optimizer.Sgd(learning_rate=LEARNING_RATE), variational_state=state
+    )
+
+    def step() -> Any:
+        driver.run(1, out=None, show_progress=False)
+        return state.parameters
+
+    compile_s = _timed_once(step)  # compiles; a full step too
+    median_s, all_s = _median_time(step, repeats)
+    return median_s, all_s, float(driver.energy.mean.real), {"vmc_step": compile_s}
 
 
 def parameter_counts(variables: Any) -> tuple[int, int]:
@@ -100,9 +150,18 @@ def run(args: argparse.Namespace) -> dict:
         param_dtype=jnp.float32,
     )
     sampler = nk.sampler.ARDirectSampler(hilbert, dtype=jnp.float32)
-    state = nk.vqs.MCState(
-        sampler, model, n_samples=args.batch, seed=0, sampler_seed=0, chunk_size=args.chunk_size
-    )
+
+    def new_state() -> nk.vqs.MCState:
+        return nk.vqs.MCState(
+            sampler,
+            model,
+            n_samples=args.batch,
+            seed=0,
+            sampler_seed=0,
+            chunk_size=args.chunk_size,
+        )
+
+    state = new_state()
     n_parameters, n_effective = parameter_counts(state.variables)
     if n_parameters != state.n_parameters:
         raise RuntimeError(f"parameter count {n_parameters} != NetKet's {state.n_parameters}")
@@ -111,15 +170,21 @@ def run(args: argparse.Namespace) -> dict:
         state.reset()  # forget the cached samples, so the next call draws new ones
         return state.sample()
 
+    def fresh_batch() -> jax.Array:
+        x = jnp.asarray(sample()).reshape(-1, hilbert.size)
+        if x.shape[0] != args.batch:
+            raise RuntimeError(f"sampler returned {x.shape[0]} samples, expected {args.batch}")
+        return x
+
     compile_s = {"sample": _timed_once(sample)}
-    sample_s, sample_all = _best_time(sample, args.repeats)
-    x = jnp.asarray(state.samples).reshape(-1, hilbert.size)
-    if x.shape[0] != args.batch:
-        raise RuntimeError(f"sampler returned {x.shape[0]} samples, expected {args.batch}")
+    sample_s, sample_all = _median_time(sample, args.repeats)
     apply = jax.jit(model.apply)
     variables = state.variables
+    x = jax.block_until_ready(fresh_batch())
     compile_s["log_psi"] = _timed_once(lambda: apply(variables, x))
-    log_psi_s, log_psi_all = _best_time(lambda: apply(variables, x), args.repeats)
+    log_psi_s, log_psi_all = _median_time(
+        lambda batch: apply(variables, batch), args.repeats, setup=fresh_batch
+    )
     result = {
         "program": "netket",
         "model": model_class.__name__,
@@ -135,30 +200,39 @@ def run(args: argparse.Namespace) -> dict:
         "log_psi_s": log_psi_s,
         "log_psi_all_s": log_psi_all,
         "vmc_step_s": None,
+        "heis_step_s": None,
         "chunk_size": args.chunk_size,
         "compile_s": compile_s,
         "versions": {"netket": nk.__version__, "jax": jax.__version__},
         "x64": bool(jax.config.jax_enable_x64),
         "log_psi_dtype": str(apply(variables, x[:1]).dtype),
     }
+    if args.vmc or args.heisenberg:
+        result["optimizer"] = f"SGD lr={LEARNING_RATE}"
     if args.vmc:
         hamiltonian = nk.operator.IsingJax(hilbert, graph, h=args.gamma, J=-args.J)
-        driver = nk.VMC(
-            hamiltonian, nk.optimizer.Sgd(learning_rate=LEARNING_RATE), variational_state=state
-        )
-
-        def step() -> Any:
-            driver.run(1, out=None, show_progress=False)
-            return state.parameters
-
-        compile_s["vmc_step"] = _timed_once(step)  # compiles; a full step too
-        vmc_step_s, vmc_all = _best_time(step, args.vmc_repeats)
+        vmc_step_s, vmc_all, energy, compiled = _time_step(state, hamiltonian, args.vmc_repeats)
+        compile_s |= compiled
         result |= {
             "vmc_step_s": vmc_step_s,
             "vmc_step_all_s": vmc_all,
-            "optimizer": f"SGD lr={LEARNING_RATE}",
             "hamiltonian": f"IsingJax J={-args.J} h={args.gamma}",
-            "energy": float(driver.energy.mean.real),
+            "energy": energy,
+            "energy_unit": "Pauli",
+        }
+    if args.heisenberg:
+        heisenberg = nk.operator.Heisenberg(hilbert, graph, J=args.J, sign_rule=True)
+        heis_step_s, heis_all, energy, compiled = _time_step(
+            new_state(), heisenberg, args.vmc_repeats
+        )
+        compile_s["heis_step"] = compiled["vmc_step"]
+        result |= {
+            "heis_step_s": heis_step_s,
+            "heis_step_all_s": heis_all,
+            "heis_hamiltonian": f"Heisenberg J={args.J} sign_rule=True",
+            "heis_operator": type(heisenberg).__name__,
+            "heis_energy": energy,
+            "heis_energy_unit": "Pauli (σ·σ)",
         }
     return result
 
@@ -173,8 +247,11 @@ def main() -> None:
     parser.add_argument("--model", choices=("fast", "plain"), default="fast")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="timings of sample, log_psi")
-    parser.add_argument("--vmc", action="store_true", help="also time one VMC step")
-    parser.add_argument("--vmc-repeats", type=int, default=1)
+    parser.add_argument("--vmc", action="store_true", help="also time one TFIM VMC step")
+    parser.add_argument(
+        "--heisenberg", action="store_true", help="also time one Heisenberg VMC step"
+    )
+    parser.add_argument("--vmc-repeats", type=int, default=1, help="timed steps per Hamiltonian")
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="MCState.chunk_size (default: none)"
     )

@@ -318,6 +318,12 @@ def plot_case(case: Case, runs: list[dict], path: Path) -> None:
 
 
 def cpu_description() -> str:
+    """Return the CPU model and its vector extensions, from /proc/cpuinfo where there is one.
+
+    Returns:
+        E.g. 'AMD EPYC (fma sse4_1 sse4_2 avx sse4a avx2; no AVX-512, no AMX)'; see
+        `describe_cpu`.
+    """
     model, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -328,8 +334,30 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    vector = [f for f in flags if f.startswith(("avx", "fma", "sse4"))]
-    return f"{model} ({' '.join(vector) or 'no AVX flags'})"
+    return describe_cpu(model, flags)
+
+
+def describe_cpu(model: str, flags: list[str]) -> str:
+    """Return the CPU model with its SSE4/FMA/AVX/AVX-512/AMX flags, naming absent families.
+
+    Args:
+        model: the CPU model name.
+        flags: the CPU flags (the `flags` line of /proc/cpuinfo, split).
+
+    Returns:
+        'model (flags; no AVX-512, no AMX)': the vector flags in their /proc/cpuinfo order,
+        then the AVX-512 and AMX families that no flag belongs to ('no AVX flags' when none).
+    """
+    vector = [f for f in flags if f.startswith(("avx", "fma", "sse4", "amx"))]
+    absent = [
+        name
+        for name, prefix in (("AVX-512", "avx512"), ("AMX", "amx"))
+        if not any(f.startswith(prefix) for f in flags)
+    ]
+    text = " ".join(vector) or "no AVX flags"
+    if absent:
+        text += "; " + ", ".join(f"no {name}" for name in absent)
+    return f"{model} ({text})"
 
 
 def markdown(summaries: list[dict], meta: dict) -> str:

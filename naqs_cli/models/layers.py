@@ -65,8 +65,13 @@ def shift_down(x: Tensor) -> Tensor:
 
 
 def shift_right(x: Tensor) -> Tensor:
-    """Shift (B, C, H, W) right by one column, zero-filling column 0."""
-    return F.pad(x[:, :, :, :-1], (1, 0, 0, 0))
+    """Shift (B, C, H, W) right by one column, zero-filling column 0 (memory format kept)."""
+    if torch.is_grad_enabled():
+        return F.pad(x[:, :, :, :-1], (1, 0, 0, 0))
+    out = torch.empty_like(x)
+    out[:, :, :, :1] = 0
+    out[:, :, :, 1:] = x[:, :, :, :-1]
+    return out
 
 
 class TwoStreamCausalLayer(nn.Module):
@@ -106,10 +111,55 @@ class TwoStreamCausalLayer(nn.Module):
         self.to_b = WeightNormConv2d(channels, self.channels_b, (1, 1))
         self.out = WeightNormConv2d(channels, channels, (k, k))
 
+    def padded_inputs(
+        self, vertical: Tensor, horizontal: Tensor, halo: LayerHalo | None, activate: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return this layer's padded stream inputs, and the streams themselves.
+
+        The vertical input holds p = K − 1 rows above row r (zeros, or the halo's rows) on top
+        of the stream's rows r … Ly − 2; the horizontal input p zero columns on the left of
+        rows r … Ly − 1. Without autograd the streams (ReLU'd when `activate`) are written
+        straight into preallocated buffers (one pass each); with autograd they are padded
+        out of place (slicing backward passes, no copies of whole buffers).
+
+        Args:
+            vertical: (B, C_in, R or R − 1, Lx) the vertical stream before activation.
+            horizontal: (B, C_in, R, Lx) the horizontal stream before activation.
+            halo: the rows above r, or None (zeros).
+            activate: apply ReLU to the streams.
+
+        Returns:
+            (B, C_in, p + R − 1, Lx) vertical and (B, C_in, R, p + Lx) horizontal inputs, and
+            the (activated) streams they hold (the residuals later layers add back).
+        """
+        p = self.kernel_size - 1
+        n_batch, c_in, n_rows, n_cols = horizontal.shape
+        vertical = vertical[:, :, : n_rows - 1]
+        if torch.is_grad_enabled():
+            if activate:
+                vertical, horizontal = F.relu(vertical), F.relu(horizontal)
+            if halo is None:
+                v_in = F.pad(vertical, (0, 0, p, 0))
+            else:
+                v_in = torch.cat([halo.vertical, vertical], dim=2)
+            return v_in, F.pad(horizontal, (p, 0, 0, 0)), vertical, horizontal
+        v_in = _buffer((n_batch, c_in, p + n_rows - 1, n_cols), horizontal)
+        v_in[:, :, :p] = 0 if halo is None else halo.vertical
+        h_in = _buffer((n_batch, c_in, n_rows, p + n_cols), horizontal)
+        h_in[:, :, :, :p] = 0
+        v_stream, h_stream = v_in[:, :, p:], h_in[:, :, :, p:]
+        if activate:
+            torch.clamp(vertical, min=0, out=v_stream)
+            torch.clamp(horizontal, min=0, out=h_stream)
+        else:
+            v_stream.copy_(vertical)
+            h_stream.copy_(horizontal)
+        return v_in, h_in, v_stream, h_stream
+
     def forward_rows(
         self,
-        vertical: Tensor,
-        horizontal: Tensor,
+        v_in: Tensor,
+        h_in: Tensor,
         halo: LayerHalo | None = None,
         record: bool = False,
     ) -> tuple[Tensor, Tensor, LayerHalo | None]:
@@ -120,12 +170,13 @@ class TwoStreamCausalLayer(nn.Module):
         the outputs on rows ≥ r equal the full layer's. Without a halo r = 0 (zero padding).
 
         Row Ly − 1 of V' feeds nothing (V' reaches H only shifted down, and the next layer's
-        V' on rows ≤ Ly − 2 only): V' is computed on rows r … Ly − 2, and the vertical input
-        may have R or R − 1 rows.
+        V' on rows ≤ Ly − 2 only): V' is computed on rows r … Ly − 2.
 
         Args:
-            vertical: (B, C_in, R or R − 1, Lx) vertical stream on rows r, r + 1, ….
-            horizontal: (B, C_in, R, Lx) horizontal stream on rows r … r + R − 1 = Ly − 1.
+            v_in: (B, C_in, p + R − 1, Lx) vertical stream on rows r … Ly − 2 with the p rows
+                above on top (`padded_inputs`: zeros or the halo's).
+            h_in: (B, C_in, R, p + Lx) horizontal stream on rows r … Ly − 1 with p zero
+                columns on the left.
             halo: the rows above r (from `record` on the full configuration), or None.
             record: also return this layer's halo source for every row (for a cache).
 
@@ -135,45 +186,56 @@ class TwoStreamCausalLayer(nn.Module):
         """
         p = self.kernel_size - 1
         h = p // 2
-        n_batch, _, n_rows, n_cols = horizontal.shape
-        # V' on the last row would only feed the row below it: rows r … Ly − 2 suffice.
-        vertical = vertical[:, :, : n_rows - 1]
-        if halo is None:
-            v_in = F.pad(vertical, (0, 0, p, 0))
-        else:
-            v_in = torch.cat([halo.vertical, vertical], dim=2)
+        n_batch, _, n_rows, n_cols = h_in.shape
+        n_cols -= p
         if n_rows == 1:
-            v = horizontal.new_zeros(n_batch, self.channels, 0, n_cols)
+            v = h_in.new_zeros(n_batch, self.channels, 0, n_cols)
         else:
             v = self.vertical(v_in, padding=(0, h))
-        t = F.relu(self.horizontal(F.pad(horizontal, (p, 0, 0, 0))), inplace=True)
+        t = F.relu(self.horizontal(h_in), inplace=True)
         if self.exclusive:
             t = shift_right(t)
-        relu_v = F.relu(v)
-        if halo is None:
-            above = F.pad(relu_v, (0, 0, 1, 0))
+        # ReLU(V') shifted down one row: the row above r on top (zeros or the halo's).
+        if torch.is_grad_enabled():
+            relu_v = F.relu(v)
+            if halo is None:
+                above = F.pad(relu_v, (0, 0, 1, 0))
+            else:
+                above = torch.cat([halo.relu_v, relu_v], dim=2)
         else:
-            above = torch.cat([halo.relu_v, relu_v], dim=2)
+            above = _buffer((n_batch, self.channels, n_rows, n_cols), h_in)
+            above[:, :, :1] = 0 if halo is None else halo.relu_v
+            torch.clamp(v, min=0, out=above[:, :, 1:])
         # The output conv's input: [a, b] with the p rows above on top (zeros or the halo) and
         # p zero columns on the left, written in place (no concatenations or padding copies).
-        ab_in = torch.empty(
-            n_batch,
-            self.channels,
-            p + n_rows,
-            p + n_cols,
-            dtype=horizontal.dtype,
-            device=horizontal.device,
-            memory_format=torch.channels_last if CHANNELS_LAST else torch.contiguous_format,
-        )
+        ab_in = _buffer((n_batch, self.channels, p + n_rows, p + n_cols), h_in)
         ab_in[:, :, :, :p] = 0
         ab_in[:, :, :p, p:] = 0 if halo is None else halo.ab
-        ab_in[:, : self.channels_a, p:, p:] = F.relu(self.to_a(t), inplace=True)
-        ab_in[:, self.channels_a :, p:, p:] = F.relu(self.to_b(above), inplace=True)
+        relu_into(ab_in[:, : self.channels_a, p:, p:], self.to_a(t))
+        relu_into(ab_in[:, self.channels_a :, p:, p:], self.to_b(above))
         out = self.out(ab_in)
         recorded = None
         if record:
             recorded = LayerHalo(vertical=v_in, relu_v=above, ab=ab_in[:, :, :, p:])
         return v, out, recorded
+
+
+def _buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialized activation buffer in the convolutions' memory format."""
+    return torch.empty(
+        shape,
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=torch.channels_last if CHANNELS_LAST else torch.contiguous_format,
+    )
+
+
+def relu_into(dest: Tensor, x: Tensor) -> None:
+    """Write ReLU(x) into the view `dest` (one pass without autograd; differentiable with)."""
+    if torch.is_grad_enabled():
+        dest.copy_(F.relu(x))
+    else:
+        torch.clamp(x, min=0, out=dest)
 
 
 @dataclass(frozen=True)

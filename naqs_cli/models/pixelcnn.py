@@ -127,15 +127,14 @@ class PixelCNN(AutoregressiveWaveFunction):
         Returns:
             head outputs (B, R·Lx, n_outputs) and the recorded halos (None without `record`).
         """
-        vertical, horizontal = image, image
+        halo = None if halos is None else halos[0]
+        v_in, h_in, _, _ = self.causal_layers[0].padded_inputs(image, image, halo, False)
         saved: dict[int, tuple[Tensor, Tensor]] = {}  # streams a later layer adds back
         recorded: list[LayerHalo] = []
         last = self.n_layers - 1
         for i, layer in enumerate(self.causal_layers):
-            if i in self._residual_targets:
-                saved[i] = (vertical, horizontal)
             halo = None if halos is None else halos[i]
-            v, h, rec = layer.forward_rows(vertical, horizontal, halo, record)
+            v, h, rec = layer.forward_rows(v_in, h_in, halo, record)
             if record:
                 recorded.append(rec)
             if i == last:
@@ -143,9 +142,17 @@ class PixelCNN(AutoregressiveWaveFunction):
             source = self.residual_source[i]
             if source is not None:
                 v_source, h_source = saved.pop(source)
-                v = v + v_source[:, :, : v.shape[2]]
-                h = h + h_source
-            vertical, horizontal = F.relu(v, inplace=True), F.relu(h, inplace=True)
+                if torch.is_grad_enabled():
+                    v, h = v + v_source, h + h_source
+                else:  # in place on the convolutions' fresh outputs
+                    v, h = v.add_(v_source), h.add_(h_source)
+            # The next layer's padded inputs receive ReLU of the streams directly.
+            halo = None if halos is None else halos[i + 1]
+            v_in, h_in, v_stream, h_stream = self.causal_layers[i + 1].padded_inputs(
+                v, h, halo, True
+            )
+            if i + 1 in self._residual_targets:
+                saved[i + 1] = (v_stream, h_stream)
         out = self.head(F.relu(h)).flatten(2).transpose(1, 2)  # (B, R·Lx, n_outputs)
         return out, (recorded if record else None)
 
