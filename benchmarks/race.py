@@ -129,6 +129,16 @@ CASE_DEFAULT_HYPER = {
             "spring": 0.8,
         }
     },
+    # Not explored on 6x6: the tfim4x4 settings carried over.
+    "tfim6x6": {
+        "naqs_minsr": {
+            **NAQS_MODEL,
+            "sampler.n_samples": 128,
+            "lr": 0.02,
+            "diag_shift": 1e-3,
+            "spring": 0.8,
+        }
+    },
     "heis4x4": {
         "rbm_sr": {"lr": 0.01, "diag_shift": 1e-2, "spring": 0.0},
         "arnn_sr": {"lr": 0.01, "diag_shift": 1e-2, "spring": 0.0},

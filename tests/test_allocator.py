@@ -1,0 +1,35 @@
+"""The malloc tuning applied at import (naqs_cli.allocator)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from naqs_cli import allocator
+
+LINUX_GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+
+
+@pytest.mark.skipif(not LINUX_GLIBC, reason="glibc's mallopt only")
+def test_applied_at_import_on_glibc():
+    assert allocator.APPLIED is True
+
+
+def _applied_in_child(switch: str) -> str:
+    env = dict(os.environ, **{allocator.ENV_SWITCH: switch})
+    code = "import naqs_cli.allocator as a; print(a.APPLIED)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_switched_off_by_the_environment():
+    assert _applied_in_child("0") == "False"
+
+
+@pytest.mark.skipif(not LINUX_GLIBC, reason="glibc's mallopt only")
+def test_switched_on_by_default():
+    assert _applied_in_child("1") == "True"
