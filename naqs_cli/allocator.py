@@ -9,8 +9,11 @@ and the trim threshold to 1 GiB keeps those blocks in the heap for the next pass
 that the process's resident memory stays at its peak instead of shrinking between passes.
 
 Applied once, when `naqs_cli` is imported, on Linux with glibc; `NAQS_MALLOC_TUNING=0` turns it
-off. Elsewhere (musl, macOS, Windows) it does nothing. CUDA memory has its own caching
-allocator and is not affected.
+off, and a threshold set explicitly through glibc's own environment (`MALLOC_MMAP_THRESHOLD_`,
+or `malloc.mmap_threshold` in `GLIBC_TUNABLES`; e.g. `bench_natural.py`, which measures a
+step's own memory high-water mark) is left alone. Elsewhere (musl, macOS, Windows) it does
+nothing. Blocks above 32 MiB (Jacobian chunks, kernels) are still returned when freed. CUDA
+memory has its own caching allocator and is not affected.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds (see the module docstring).
 
     Returns:
-        Whether both settings were applied (False: switched off, not Linux, or no `mallopt`).
+        Whether both settings were applied (False: switched off, set by the user through
+        glibc's environment, not Linux, or no `mallopt`).
     """
     if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
         return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return False  # the user's own glibc setting wins
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # a C library without mallopt (musl)

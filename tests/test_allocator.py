@@ -18,8 +18,9 @@ def test_applied_at_import_on_glibc():
     assert allocator.APPLIED is True
 
 
-def _applied_in_child(switch: str) -> str:
-    env = dict(os.environ, **{allocator.ENV_SWITCH: switch})
+def _applied_in_child(switch: str, **extra: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_",)}
+    env.update({allocator.ENV_SWITCH: switch}, **extra)
     code = "import naqs_cli.allocator as a; print(a.APPLIED)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -33,3 +34,8 @@ def test_switched_off_by_the_environment():
 @pytest.mark.skipif(not LINUX_GLIBC, reason="glibc's mallopt only")
 def test_switched_on_by_default():
     assert _applied_in_child("1") == "True"
+
+
+def test_an_explicit_glibc_threshold_is_left_alone():
+    assert _applied_in_child("1", MALLOC_MMAP_THRESHOLD_="65536") == "False"
+    assert _applied_in_child("1", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == "False"
