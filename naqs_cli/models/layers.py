@@ -59,11 +59,6 @@ class WeightNormConv2d(nn.Module):
         return F.conv2d(x, weight, self.bias, padding=padding)
 
 
-def shift_down(x: Tensor) -> Tensor:
-    """Shift (B, C, H, W) down by one row, zero-filling row 0."""
-    return F.pad(x[:, :, :-1, :], (0, 0, 1, 0))
-
-
 def shift_right(x: Tensor) -> Tensor:
     """Shift (B, C, H, W) right by one column, zero-filling column 0 (memory format kept)."""
     if torch.is_grad_enabled():
