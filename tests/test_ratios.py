@@ -234,3 +234,50 @@ def test_thread_split_gives_the_same_samples_and_local_energies():
     assert torch.equal(x1, x2)
     assert (lp1 - lp2).abs().max().item() < TOLERANCE
     assert (e1 - e2).abs().max().item() < TOLERANCE
+
+
+def test_padded_channel_counts():
+    from naqs_cli.models.layers import padded_channels
+
+    rounded = {1: 1, 2: 2, 5: 5, 6: 8, 7: 8, 8: 8, 9: 9, 14: 16, 15: 16, 17: 17, 30: 32, 32: 32}
+    assert {c: padded_channels(c) for c in rounded} == rounded
+
+
+@pytest.mark.parametrize("channels", [14, 7, 15])
+def test_float32_passes_with_padded_channels_equal_unpadded(channels, monkeypatch):
+    """No-grad float32 CPU passes compute zero-padded channels: same ln Ψ, ratios and chain."""
+    from naqs_cli.models import layers
+    from naqs_cli.samplers.metropolis import MetropolisSampler
+
+    lattice = SquareLattice(Lx=4, Ly=4)
+    model = _perturbed(PixelCNN(lattice=lattice, layers=4, channels=channels), seed=channels)
+    model = model.float()
+    x, _ = model.sample(32, torch.Generator().manual_seed(1))
+    cache = model.ratio_cache(x)
+    padded = layers.padded_channels
+    assert cache.layers[1].relu_v.shape[1] == padded(channels) > channels
+    assert cache.layers[1].ab.shape[1] == padded(channels // 2) + padded(channels - channels // 2)
+    unpadded_log_psi = model.log_psi(x).detach()  # with autograd: never padded
+    assert (cache.log_psi - unpadded_log_psi).abs().max().item() < 1e-5
+    with torch.no_grad():
+        assert (model.log_psi(x) - unpadded_log_psi).abs().max().item() < 1e-5
+    batch = Samples(x=x, weights=None, log_psi=None, n_chains=1)
+    hamiltonian = TransverseFieldIsing(lattice=lattice, gamma=1.5)
+    fast = vmc.local_energy(model, hamiltonian, batch, chunk_size=16).total
+    monkeypatch.setattr(layers, "PAD_CHANNELS", False)
+    assert model.ratio_cache(x).layers[1].relu_v.shape[1] == channels
+    plain = vmc.local_energy(model, hamiltonian, batch, chunk_size=16).total
+    assert (fast - plain).abs().max().item() < 1e-5 * plain.abs().max().item()
+    monkeypatch.setattr(layers, "PAD_CHANNELS", True)
+    # Metropolis with proposals and accepted rows copied into the padded cache.
+    sampler = MetropolisSampler(
+        hamiltonian=hamiltonian,
+        n_samples=24,
+        n_chains=8,
+        sweeps_between_samples=1,
+        burn_in=2,
+        seed=5,
+    )
+    chain = sampler.sample(model)
+    assert 0 < chain.info["acceptance"] < 1
+    assert (chain.log_psi - model.log_psi(chain.x).detach()).abs().max().item() < 1e-5

@@ -153,7 +153,14 @@ class PixelCNN(AutoregressiveWaveFunction):
             )
             if i + 1 in self._residual_targets:
                 saved[i + 1] = (v_stream, h_stream)
-        out = self.head(F.relu(h)).flatten(2).transpose(1, 2)  # (B, R·Lx, n_outputs)
+        features = F.relu(h)
+        if features.shape[1] == self.channels:
+            head = self.head(features)
+        else:  # zero-padded channels (`layers.padded_channels`): zero weights for them
+            weight = self.head.weight.new_zeros(self.n_outputs, features.shape[1], 1, 1)
+            weight[:, : self.channels] = self.head.weight
+            head = F.conv2d(features, weight, self.head.bias)
+        out = head.flatten(2).transpose(1, 2)  # (B, R·Lx, n_outputs)
         return out, (recorded if record else None)
 
     def activation_bytes_per_sample(self) -> int:
