@@ -8,10 +8,11 @@ Model: the paper's TFIM PixelCNN, 18 layers × 32 channels, `phase=true`, float3
 on an open L × L square, exact direct samples. Each case runs in a fresh process (so its peak
 resident memory is its own) with 2 threads:
 
-- `jacobian` (L = 10, 1,024 samples): seconds of `VariationalState.log_derivatives` (every
-  sample's row of ∂ ln Ψ/∂θ) against one forward + backward pass of the same batch (the
-  Eq. 4 gradient of Adam), best of 2 after a warm-up; the ratio is the cost of the rows in
-  gradient passes.
+- `jacobian` (L = 10, 1,024 samples): seconds of `VariationalState.log_derivative_rows`
+  (every sample's row of ∂ ln Ψ/∂θ as SR and MinSR use it: [Re O; Im O] written into one
+  (2, B, P) tensor, its allocation included) against one forward + backward pass of the same
+  batch (the Eq. 4 gradient of Adam), best of 2 after a warm-up; the ratio is the cost of
+  the rows in gradient passes.
 - `minsr_step` (L = 12, 1,024 samples): one whole `optim=minsr` step after a warm-up step;
   seconds per phase and the resident-memory high-water mark (VmHWM, reset before each phase)
   of the update (Jacobian, kernel T = XXᵀ in float64, Cholesky solve), against the 4 GB it may
@@ -68,6 +69,8 @@ def case_jacobian(side: int, layers: int, channels: int, n_samples: int) -> dict
     """Seconds of the per-sample rows against one forward + backward pass."""
     import torch
 
+    from naqs_cli import allocator
+
     setup = _setup(side, layers, channels, n_samples, "adam")
     state = setup.state
     batch = state.sample(n_samples)
@@ -78,8 +81,10 @@ def case_jacobian(side: int, layers: int, channels: int, n_samples: int) -> dict
         for chunk in batch.x.split(state.chunk_size):
             state.model.log_psi(chunk).real.sum().backward()
 
-    def rows() -> None:
-        for _ in state.log_derivatives(batch.x):
+    def rows() -> None:  # as MinSR gets them: (2, B, P) real rows, chunks written in place
+        out = state.parameters()[0].new_empty(2, n_samples, n_params)
+        allocator.advise_huge_pages(out)
+        for _ in state.log_derivative_rows(batch.x, out=out):
             pass
 
     timings = {}
@@ -163,11 +168,12 @@ CASES = {"jacobian": case_jacobian, "minsr_step": case_minsr_step}
 
 def run_child(name: str, arguments: list[int]) -> dict:
     """Run one case in a fresh process (2 threads) and return its result."""
-    # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps freed
-    # blocks in the heap, so the resident high-water mark would count the previous step's
-    # freed buffers (measured: 6.4 GB instead of the step's own peak).
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if name == "minsr_step":
+        # A fixed mmap threshold: glibc otherwise keeps freed blocks in the heap, so the
+        # resident high-water mark would count the previous step's freed buffers (measured:
+        # 6.4 GB instead of the step's own peak). The timing case runs as naqs normally does.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [sys.executable, __file__, "--child", name, *map(str, arguments)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -14,6 +14,12 @@ or `malloc.mmap_threshold` in `GLIBC_TUNABLES`; e.g. `bench_natural.py`, which m
 step's own memory high-water mark) is left alone. Elsewhere (musl, macOS, Windows) it does
 nothing. Blocks above 32 MiB (Jacobian chunks, kernels) are still returned when freed. CUDA
 memory has its own caching allocator and is not affected.
+
+Blocks above the threshold are fresh pages on every allocation; the largest of them (the
+per-sample Jacobian rows of natural-gradient steps, hundreds of MB) are advised into
+transparent huge pages (`advise_huge_pages`, `madvise(MADV_HUGEPAGE)`), so first touch faults
+once per 2 MiB instead of once per 4 KiB: writing a fresh 130 MB chunk took 13–22 ms instead
+of 62–67 ms on the 2-core test machine. The same switch turns this off.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is not imported here: the thresholds are set before it loads
+    import torch
 
 #: glibc's `mallopt` parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -31,6 +41,11 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 #: The environment variable that turns the tuning off ("0").
 ENV_SWITCH = "NAQS_MALLOC_TUNING"
+#: `madvise` advice for transparent huge pages (linux/mman.h) and their size on x86-64/arm64.
+MADV_HUGEPAGE = 14
+HUGE_PAGE_BYTES = 2 * 1024 * 1024
+#: Smallest tensor `advise_huge_pages` advises: smaller blocks come from the heap (above).
+HUGE_PAGE_MIN_BYTES = MMAP_THRESHOLD_BYTES
 
 
 def keep_freed_memory() -> bool:
@@ -54,6 +69,38 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     applied = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and applied
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask the kernel to back a freshly allocated, untouched CPU tensor with huge pages.
+
+    Only the 2 MiB pages entirely inside the tensor's memory are advised; the contents are
+    not changed. A no-op (False) for tensors under `HUGE_PAGE_MIN_BYTES`, off the CPU, off
+    Linux, with `NAQS_MALLOC_TUNING=0`, or where the kernel refuses (no transparent huge
+    pages); where they are switched to `never` the advice is accepted and has no effect.
+
+    Returns:
+        Whether the advice was given and accepted.
+    """
+    n_bytes = tensor.numel() * tensor.element_size()
+    if (
+        n_bytes < HUGE_PAGE_MIN_BYTES
+        or tensor.device.type != "cpu"
+        or not sys.platform.startswith("linux")
+        or os.environ.get(ENV_SWITCH, "1") == "0"
+    ):
+        return False
+    start = -(-tensor.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    stop = (tensor.data_ptr() + n_bytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if stop <= start:
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise(start, stop - start, MADV_HUGEPAGE) == 0
 
 
 #: Whether the tuning is in effect in this process (set at import).

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from naqs_cli import distributed, vmc
+from naqs_cli import allocator, distributed, vmc
 from naqs_cli.optim import UpdateRule
 from naqs_cli.samplers import Samples
 from naqs_cli.state import VariationalState
@@ -383,16 +383,11 @@ class MinSR(NaturalGradientRule):
         e_mean: Tensor,
     ) -> LinearSystem:
         n_batch = x.shape[0]
-        rows = None
-        start = 0
-        for o in state.log_derivative_rows(x):
-            if o.shape[1] == n_batch:  # one chunk: its (2, B, P) buffer is X's layout
-                rows = o
-                break
-            if rows is None:
-                rows = o.new_empty(2, n_batch, o.shape[2])
-            rows[:, start : start + o.shape[1]] = o
-            start += o.shape[1]
+        like = state.parameters()[0]
+        rows = like.new_empty(2, n_batch, self.n_params)
+        allocator.advise_huge_pages(rows)
+        for _ in state.log_derivative_rows(x, out=rows):  # the chunks are written into rows
+            pass
         rows = rows.reshape(2 * n_batch, -1)
         if rows.numel() * 8 <= FLOAT64_ROWS_BYTES:  # small: one conversion, not one per use
             rows = rows.to(torch.float64)

@@ -112,7 +112,12 @@ class VariationalState:
         for rows in self.log_derivative_rows(x):
             yield torch.complex(rows[0], rows[1])
 
-    def log_derivative_rows(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yield the same rows as real tensors (2, b, P) = [Re O; Im O], chunk by chunk."""
+    def log_derivative_rows(
+        self, x: torch.Tensor, out: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield the same rows as real tensors (2, b, P) = [Re O; Im O], chunk by chunk.
+
+        With `out` (2, B, P) the chunks are written into it (`jacobian.log_derivative_rows`).
+        """
         chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
-        yield from jacobian.log_derivative_rows(self.model, x, chunk_size)
+        yield from jacobian.log_derivative_rows(self.model, x, chunk_size, out)

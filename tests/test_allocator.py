@@ -39,3 +39,19 @@ def test_switched_on_by_default():
 def test_an_explicit_glibc_threshold_is_left_alone():
     assert _applied_in_child("1", MALLOC_MMAP_THRESHOLD_="65536") == "False"
     assert _applied_in_child("1", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == "False"
+
+
+THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def test_huge_page_advice_only_for_large_cpu_tensors(monkeypatch):
+    import torch
+
+    assert allocator.advise_huge_pages(torch.ones(1000)) is False  # from the heap: not advised
+    large = torch.empty(allocator.HUGE_PAGE_MIN_BYTES // 4 + 12345)
+    large.fill_(2.5)
+    advised = allocator.advise_huge_pages(large)
+    assert advised is (LINUX_GLIBC and THP)
+    assert bool((large == 2.5).all())  # the contents are untouched
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    assert allocator.advise_huge_pages(large) is False

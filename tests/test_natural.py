@@ -208,6 +208,36 @@ def test_convolution_rows_for_any_stride_dilation_and_padding(stride, dilation, 
     torch.testing.assert_close(got, _one_by_one(model, x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rows_of_outputs_changed_in_place_use_probes(in_place, monkeypatch):
+    """Gradients are taken with respect to each call's output; a model that then changes an
+    output in place is rerun with probes (one extra forward pass), with the same rows."""
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(2)
+            self.weight = torch.nn.Parameter(torch.randn(3, 1, 3, 3, generator=generator))
+            self.bias = torch.nn.Parameter(torch.randn(3, generator=generator))
+            self.head = torch.nn.Linear(3, 2)
+
+        def log_psi(self, x):
+            image = (2.0 * x.double() - 1.0).view(-1, 1, 4, 4)
+            y = torch.nn.functional.conv2d(image, self.weight, self.bias, padding=1)
+            y = y.mul_(2.0).tanh_() if in_place else torch.tanh(2.0 * y)
+            out = self.head(y.mean(dim=(2, 3)))
+            return torch.complex(out[:, 0], out[:, 1])
+
+    model = Toy().double()
+    x = (torch.rand(5, 16, generator=torch.Generator().manual_seed(3)) < 0.5).to(torch.int8)
+    passes = []
+    forward = model.log_psi
+    monkeypatch.setattr(model, "log_psi", lambda x: passes.append(1) or forward(x))
+    got = torch.cat(list(jacobian.log_derivatives(model, x, chunk_size=8)))
+    assert len(passes) == (2 if in_place else 1)
+    torch.testing.assert_close(got, _one_by_one(model, x), rtol=0, atol=1e-12)
+
+
 def test_log_derivatives_of_an_untapped_model_fall_back_to_one_pass_per_sample():
     class Scaled(torch.nn.Module):  # a parameter outside conv2d / linear
         def __init__(self, base):

@@ -278,7 +278,9 @@ class TwoStreamCausalLayer(nn.Module):
             v = h_in.new_zeros(n_batch, layouts.channels, 0, n_cols)
         else:
             v = self.vertical(v_in, padding=(0, h), layout=l_vertical)
-        t = F.relu(self.horizontal(h_in, layout=l_horizontal), inplace=True)
+        # In place only without autograd: with it, the convolution's output stays intact
+        # (per-sample derivatives, `naqs_cli.jacobian`, differentiate with respect to it).
+        t = F.relu(self.horizontal(h_in, layout=l_horizontal), inplace=not torch.is_grad_enabled())
         if self.exclusive:
             t = shift_right(t)
         # ReLU(V') shifted down one row: the row above r on top (zeros or the halo's).
