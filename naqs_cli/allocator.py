@@ -17,9 +17,9 @@ memory has its own caching allocator and is not affected.
 
 Blocks above the threshold are fresh pages on every allocation; the largest of them (the
 per-sample Jacobian rows of natural-gradient steps, hundreds of MB) are advised into
-transparent huge pages (`advise_huge_pages`, `madvise(MADV_HUGEPAGE)`), so first touch faults
-once per 2 MiB instead of once per 4 KiB: writing a fresh 130 MB chunk took 13–22 ms instead
-of 62–67 ms on the 2-core test machine. The same switch turns this off.
+transparent huge pages and populated up front (`advise_huge_pages`): writing a fresh 130 MB
+chunk took 13–22 ms instead of 62–67 ms on the 2-core test machine, 3.3 GB of MinSR rows
+0.5 s instead of 1.1–2.8 s. The same switch turns this off.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 #: The environment variable that turns the tuning off ("0").
 ENV_SWITCH = "NAQS_MALLOC_TUNING"
-#: `madvise` advice for transparent huge pages (linux/mman.h) and their size on x86-64/arm64.
+#: `madvise` advice for transparent huge pages and for populating a range up front
+#: (linux/mman.h; the latter since Linux 5.14), and the huge page size on x86-64/arm64.
 MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23
 HUGE_PAGE_BYTES = 2 * 1024 * 1024
 #: Smallest tensor `advise_huge_pages` advises: smaller blocks come from the heap (above).
 HUGE_PAGE_MIN_BYTES = MMAP_THRESHOLD_BYTES
@@ -72,12 +74,15 @@ def keep_freed_memory() -> bool:
 
 
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Ask the kernel to back a freshly allocated, untouched CPU tensor with huge pages.
+    """Ask the kernel to back a freshly allocated, untouched CPU tensor with huge pages now.
 
-    Only the 2 MiB pages entirely inside the tensor's memory are advised; the contents are
-    not changed. A no-op (False) for tensors under `HUGE_PAGE_MIN_BYTES`, off the CPU, off
-    Linux, with `NAQS_MALLOC_TUNING=0`, or where the kernel refuses (no transparent huge
-    pages); where they are switched to `never` the advice is accepted and has no effect.
+    Only the 2 MiB pages entirely inside the tensor's memory are advised, and then populated
+    in one call (`MADV_POPULATE_WRITE`, where the kernel has it) instead of one page fault at
+    a time: on the 2-core test machine (a VM) 3.3 GB took 0.5 s instead of 1.1–2.8 s to
+    first write. The contents are not changed. A no-op (False) for tensors under
+    `HUGE_PAGE_MIN_BYTES`, off the CPU, off Linux, with `NAQS_MALLOC_TUNING=0`, or where the
+    kernel refuses (no transparent huge pages); where they are switched to `never` the advice
+    is accepted and has no effect.
 
     Returns:
         Whether the advice was given and accepted.
@@ -100,7 +105,10 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
         return False
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     madvise.restype = ctypes.c_int
-    return madvise(start, stop - start, MADV_HUGEPAGE) == 0
+    if madvise(start, stop - start, MADV_HUGEPAGE) != 0:
+        return False
+    madvise(start, stop - start, MADV_POPULATE_WRITE)  # EINVAL before Linux 5.14: faults later
+    return True
 
 
 #: Whether the tuning is in effect in this process (set at import).

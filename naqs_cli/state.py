@@ -117,7 +117,12 @@ class VariationalState:
     ) -> Iterator[torch.Tensor]:
         """Yield the same rows as real tensors (2, b, P) = [Re O; Im O], chunk by chunk.
 
-        With `out` (2, B, P) the chunks are written into it (`jacobian.log_derivative_rows`).
+        With `out` (2, B, P) the chunks are written into it (`jacobian.log_derivative_rows`)
+        and hold as many samples as an autograd graph of `jacobian.ROWS_GRAPH_BYTES` allows.
         """
-        chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
+        if out is None:
+            chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
+        else:
+            budget = jacobian.ROWS_GRAPH_BYTES
+            chunk_size = vmc.backward_chunk(self.model, self.chunk_size, budget)
         yield from jacobian.log_derivative_rows(self.model, x, chunk_size, out)

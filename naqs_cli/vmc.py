@@ -216,8 +216,8 @@ def batch_local_energy(
 BACKWARD_BYTES = 2 * 2**30
 
 
-def backward_chunk(model: torch.nn.Module, chunk_size: int) -> int:
-    """Return `chunk_size`, lowered so one chunk's autograd graph fits `BACKWARD_BYTES`.
+def backward_chunk(model: torch.nn.Module, chunk_size: int, budget: int = BACKWARD_BYTES) -> int:
+    """Return `chunk_size`, lowered so one chunk's autograd graph fits `budget` bytes.
 
     Uses the network's `activation_bytes_per_sample` estimate where it has one (the PixelCNN:
     about 3 MB per sample for 4 × 16 at L = 21, 14 MB for the paper's 18 × 32). A symmetrized
@@ -230,7 +230,7 @@ def backward_chunk(model: torch.nn.Module, chunk_size: int) -> int:
         return chunk_size
     group_size = int(getattr(model, "group_size", 1))
     per_sample = max(1, int(estimate())) * max(1, group_size)
-    return max(1, min(chunk_size, BACKWARD_BYTES // per_sample))
+    return max(1, min(chunk_size, budget // per_sample))
 
 
 def vmc_gradient(
