@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 #: 1,024 samples stays near its 3.0 GB of stored rows (`make bench`, results/natural.md).
 ROWS_BYTES = 2**28
 #: With the rows written into a caller's tensor (`out`, as MinSR does) only the chunk's autograd
-#: graph takes memory: chunks as large as a graph of this size (the paper's 18 × 32 model: 166
-#: samples at L = 10, 115 at L = 12; 1.2× faster rows than chunks of 41 at L = 10, measured).
-ROWS_GRAPH_BYTES = 2**29
+#: graph takes memory: chunks as large as a graph of this size (the paper's 18 × 32 model: 83
+#: samples at L = 10, 57 at L = 12). 512 MiB (166 and 115) made the rows faster still but put a
+#: MinSR step of that model at L = 12 over its 4 GB (4.13 GB measured).
+ROWS_GRAPH_BYTES = 2**28
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
