@@ -332,6 +332,12 @@ def _per_sample_grads(call: _Call, dy: Tensor, n_batch: int) -> tuple[Tensor, Te
     return torch.einsum("sbmo,bmi->sboi", dy, inputs), dy.sum(dim=2)
 
 
+def _zero_padded(x: Tensor, padding: Any) -> Tensor:
+    """Return x with a convolution's symmetric zero padding (int or (ph, pw)) applied."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
 def _patch_columns(x: Tensor, kernel: tuple[int, int], padding: Any) -> Tensor:
     """Return a stride-1 convolution's input patches as (B, C·kh·kw, L) column matrices.
 
@@ -340,10 +346,7 @@ def _patch_columns(x: Tensor, kernel: tuple[int, int], padding: Any) -> Tensor:
     from channels-last).
     """
     kh, kw = kernel
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    x = x.contiguous()
+    x = _zero_padded(x, padding).contiguous()
     n_batch, n_channels, height, width = x.shape
     out_h, out_w = height - kh + 1, width - kw + 1
     s_row, s_channel, s_h, s_w = x.stride()
@@ -362,15 +365,12 @@ def _patches(x: Tensor, kernel: tuple[int, int], options: dict[str, Any]) -> Ten
     """
     kh, kw = kernel
     padding = options["padding"]
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
     if options["stride"] not in (1, (1, 1)) or options["dilation"] not in (1, (1, 1)):
         cols = F.unfold(x.contiguous(), kernel, options["dilation"], padding, options["stride"])
         n_rows, n_channels = x.shape[:2]  # (R, C·kh·kw, L) → (R, L, kh·kw·C)
         cols = cols.view(n_rows, n_channels, kh, kw, -1).permute(0, 4, 2, 3, 1)
         return cols.reshape(n_rows, cols.shape[1], -1)
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = _zero_padded(x, padding).contiguous(memory_format=torch.channels_last)
     n_rows, n_channels, height, width = x.shape
     out_h, out_w = height - kh + 1, width - kw + 1
     s_row, s_channel, s_h, s_w = x.stride()

@@ -194,20 +194,22 @@ class TwoStreamCausalLayer(nn.Module):
             h_stream.copy_(horizontal)
         return v_in, h_in, v_stream, h_stream
 
-    def padded_layouts(self, in_channels: int, like: Tensor) -> _LayerLayouts | None:
-        """Return the zero-padded channel layout of a pass without autograd, or None.
+    def padded_layouts(self, in_channels: int, like: Tensor) -> _LayerLayouts:
+        """Return the channel layout of a pass: zero-padded without autograd, else as built.
 
         Float32 CPU passes without autograd compute C, C_a and C_b rounded by
         `padded_channels`; the streams between layers then carry the rounded count (the
         extra channels exactly 0) and the [a, b] input of the output convolution holds a in
-        channels 0 … C_a − 1 and b from the rounded C_a on. None: no channel is added.
+        channels 0 … C_a − 1 and b from the rounded C_a on. Where no channel is added the
+        layouts are None (the convolutions as built).
 
         Args:
             in_channels: channels of the incoming (possibly padded) streams.
             like: a tensor on the pass's device, of its dtype.
         """
+        as_built = _LayerLayouts(self.channels, self.channels_a, self.channels_b, (None,) * 5)
         if torch.is_grad_enabled() or like.device.type != "cpu" or like.dtype != torch.float32:
-            return None
+            return as_built
         channels = padded_channels(self.channels)
         c_a, c_b = padded_channels(self.channels_a), padded_channels(self.channels_b)
         real_in = self.vertical.weight_v.shape[1]
@@ -217,7 +219,7 @@ class TwoStreamCausalLayer(nn.Module):
             self.channels_b,
             real_in,
         ):
-            return None
+            return as_built
         streams = ConvLayout(channels, in_channels, ((0, 0, real_in),))
         inner = ((0, 0, self.channels),)
         return _LayerLayouts(
@@ -271,8 +273,6 @@ class TwoStreamCausalLayer(nn.Module):
         n_batch, c_in, n_rows, n_cols = h_in.shape
         n_cols -= p
         layouts = self.padded_layouts(c_in, h_in)
-        if layouts is None:
-            layouts = _LayerLayouts(self.channels, self.channels_a, self.channels_b, (None,) * 5)
         l_vertical, l_horizontal, l_a, l_b, l_out = layouts.convs
         if n_rows == 1:
             v = h_in.new_zeros(n_batch, layouts.channels, 0, n_cols)

@@ -15,7 +15,7 @@ from naqs_cli.models.base import (
     RatioCache,
     generic_log_psi_ratios,
 )
-from naqs_cli.models.layers import LayerHalo, TwoStreamCausalLayer
+from naqs_cli.models.layers import ConvLayout, LayerHalo, TwoStreamCausalLayer
 
 #: The head's Glorot-uniform weights are scaled by this, so the conditionals start near 1/2.
 HEAD_INIT_SCALE = 1e-2
@@ -157,9 +157,8 @@ class PixelCNN(AutoregressiveWaveFunction):
         if features.shape[1] == self.channels:
             head = self.head(features)
         else:  # zero-padded channels (`layers.padded_channels`): zero weights for them
-            weight = self.head.weight.new_zeros(self.n_outputs, features.shape[1], 1, 1)
-            weight[:, : self.channels] = self.head.weight
-            head = F.conv2d(features, weight, self.head.bias)
+            layout = ConvLayout(self.n_outputs, features.shape[1], ((0, 0, self.channels),))
+            head = F.conv2d(features, *layout.pad(self.head.weight, self.head.bias))
         out = head.flatten(2).transpose(1, 2)  # (B, R·Lx, n_outputs)
         return out, (recorded if record else None)
 
