@@ -254,17 +254,19 @@ class NaturalGradientRule(UpdateRule):
     def linear_system(
         self, state: VariationalState, batch: Samples, e_loc: LocalEnergy
     ) -> LinearSystem:
-        """Return the system of a batch: rows weighted 1/N_s (samples over all ranks) or by
-        the batch's |Ψ|² weights (full sums), centred with Ē and ⟨O⟩ over all ranks."""
+        """Return the system of a batch: rows weighted 1/N_s (samples over all ranks), by
+        count/N_s for one sample per orbit (`Samples.orbits`), or by the batch's |Ψ|² weights
+        (full sums); centred with Ē and ⟨O⟩ over all ranks."""
         n_total = batch.n_samples * distributed.world_size()
         e_mean = vmc.weighted_mean(e_loc.total, batch, n_total)
+        batch, e_total = state.per_orbit(batch, e_loc.total)  # one row per orbit
         if batch.weights is not None:
             weights = batch.weights.to(torch.float64)
         else:
             weights = torch.full(
                 (batch.n_samples,), 1.0 / n_total, dtype=torch.float64, device=batch.x.device
             )
-        return self._system(state, batch.x, weights, e_loc.total - e_mean, e_mean)
+        return self._system(state, batch.x, weights, e_total - e_mean, e_mean)
 
     def _momentum(self) -> Tensor | None:
         """Return the previous δθ when SPRING is on and there is one."""

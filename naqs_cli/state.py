@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from naqs_cli import distributed, jacobian, vmc
+from naqs_cli import distributed, jacobian, orbits, vmc
 from naqs_cli.samplers import Samples
 
 
@@ -52,14 +52,43 @@ class VariationalState:
         self.chunk_size = chunk_size
         self.n_chains = n_chains
         self.world_size = world_size
+        #: Whether samples group by orbits of the model's symmetry group (the Hamiltonian
+        #: commutes with it) or only by configuration (`naqs_cli.orbits`).
+        self.orbits_by_group = orbits.hamiltonian_is_invariant(hamiltonian, model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Return the trainable parameters."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def sample(self, n_samples: int) -> Samples:
-        """Draw this rank's `n_samples` configurations (fullsum: the basis, any n)."""
-        return self.sampler.sample(self.model, n_samples)
+        """Draw this rank's `n_samples` configurations (fullsum: the basis, any n).
+
+        Sampled batches come grouped by orbit (`Samples.orbits`): of the model's symmetry
+        group when the Hamiltonian commutes with it, else by distinct configuration; their
+        number is `info["n_orbits"]` (a history column).
+        """
+        batch = self.sampler.sample(self.model, n_samples)
+        if batch.weights is None and not batch.full_basis and batch.basis_part is None:
+            batch.orbits = orbits.find_orbits(self.model, batch.x, self.orbits_by_group)
+            batch.info["n_orbits"] = int(batch.orbits.counts.shape[0])
+        return batch
+
+    def per_orbit(self, batch: Samples, values: torch.Tensor) -> tuple[Samples, torch.Tensor]:
+        """Return one sample per orbit with weight count / N_total, and `values` on them.
+
+        Sums over the batch with uniform weights 1/N_total (N_total over all ranks) equal the
+        weighted sums over the representatives (`naqs_cli.orbits`). A batch without orbits
+        comes back as it is.
+
+        Args:
+            batch: this rank's samples.
+            values: (B,) per-sample values (local energies).
+        """
+        if batch.orbits is None:
+            return batch, values
+        first = batch.orbits.first
+        weights = batch.orbits.counts.to(torch.float64) / self.n_total(batch)
+        return Samples(x=batch.x[first], weights=weights), values[first]
 
     def local_energy(self, batch: Samples) -> vmc.LocalEnergy:
         """Return the local energies of a batch (also of one rank's share of a full basis)."""
@@ -92,7 +121,8 @@ class VariationalState:
             p.grad = None
         n_total = batch.n_samples * distributed.world_size()
         e_mean = vmc.weighted_mean(e_loc, batch, n_total)
-        vmc.vmc_gradient(self.model, batch, e_loc, self.chunk_size, n_total, e_mean=e_mean)
+        reduced, e_reduced = self.per_orbit(batch, e_loc)
+        vmc.vmc_gradient(self.model, reduced, e_reduced, self.chunk_size, n_total, e_mean=e_mean)
         distributed.all_reduce_grads(self.model)
         return e_mean
 

@@ -86,8 +86,11 @@ def local_energy(
     if not hasattr(model, "log_psi_ratios"):
         return _local_energy_full_passes(model, hamiltonian, batch, chunk_size)
     # Exact samples repeat where |Ψ|² is peaked (Heisenberg: Néel-like configurations):
-    # each distinct configuration once.
-    x, inverse = torch.unique(x, dim=0, return_inverse=True)
+    # each orbit (`batch.orbits`) or else each distinct configuration once.
+    if batch.orbits is not None:
+        x, inverse = x[batch.orbits.first], batch.orbits.inverse
+    else:
+        x, inverse = torch.unique(x, dim=0, return_inverse=True)
     workers = parallel.n_workers(x.shape[0], MIN_REFERENCES_PER_THREAD, x.device)
     parts = parallel.run_split(
         lambda part: _local_energy_by_ratios(model, hamiltonian, x[part], chunk_size),

@@ -24,6 +24,21 @@ class BasisPart:
     start: int
 
 
+@dataclass(frozen=True)
+class Orbits:
+    """A batch's samples grouped by symmetry orbit (`naqs_cli.orbits.find_orbits`).
+
+    Attributes:
+        first: (U,) int64 index of the first sample of each orbit.
+        inverse: (B,) int64 orbit of each sample.
+        counts: (U,) int64 samples per orbit.
+    """
+
+    first: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+
+
 @dataclass
 class Samples:
     """A batch of configurations with what the estimators downstream need.
@@ -41,6 +56,9 @@ class Samples:
         basis_part: set when `x` is this rank's contiguous share of the whole basis (fullsum
             on several ranks; `weights` are then normalized over the whole basis); local
             energies use `full_batch()`.
+        orbits: the samples grouped by orbit of a symmetry of the state and the Hamiltonian
+            (`VariationalState.sample`): local energies and log-derivatives are computed once
+            per orbit. None: every sample on its own.
     """
 
     x: torch.Tensor
@@ -50,6 +68,7 @@ class Samples:
     info: dict[str, Any] = field(default_factory=dict)
     full_basis: bool = False
     basis_part: BasisPart | None = None
+    orbits: Orbits | None = None
 
     @property
     def n_samples(self) -> int:
