@@ -82,11 +82,11 @@ def hamiltonian_is_invariant(hamiltonian, model: torch.nn.Module) -> bool:
     n_sites = model.n_sites
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2, (CHECK_CONFIGURATIONS, n_sites), generator=generator)
-    x = x.to(torch.int8)
-    images = model.transformed(x.to(model.perms.device)).cpu()  # (M, |G|, N)
+    x = x.to(torch.int8)  # on the CPU: `transformed` and `get_conn` follow x's device
+    images = model.transformed(x)  # (M, |G|, N)
     x_conn, mels = hamiltonian.get_conn(x)  # (M, K, N), (M, K)
     n_conf, n_conn = mels.shape
-    mapped = model.transformed(x_conn.reshape(-1, n_sites).to(model.perms.device)).cpu()
+    mapped = model.transformed(x_conn.reshape(-1, n_sites))
     mapped = mapped.view(n_conf, n_conn, -1, n_sites)  # (M, K, |G|, N): g·y
     for g in range(images.shape[1]):
         own_conn, own_mels = hamiltonian.get_conn(images[:, g])

@@ -150,9 +150,6 @@ class VariationalState:
         With `out` (2, B, P) the chunks are written into it (`jacobian.log_derivative_rows`)
         and hold as many samples as an autograd graph of `jacobian.ROWS_GRAPH_BYTES` allows.
         """
-        if out is None:
-            chunk_size = vmc.backward_chunk(self.model, self.chunk_size)
-        else:
-            budget = jacobian.ROWS_GRAPH_BYTES
-            chunk_size = vmc.backward_chunk(self.model, self.chunk_size, budget)
+        budget = vmc.BACKWARD_BYTES if out is None else jacobian.ROWS_GRAPH_BYTES
+        chunk_size = vmc.backward_chunk(self.model, self.chunk_size, budget)
         yield from jacobian.log_derivative_rows(self.model, x, chunk_size, out)
