@@ -22,7 +22,8 @@ Contenders: naqs — the PixelCNN with exact direct sampling and the update rule
 `--naqs-optim` (default minsr), hyperparameters from `results/race_tuned.json` when present;
 NetKet — RBM α=1 + Metropolis + `VMC_SR`, FastARNNConv2D 4×16 + direct sampling with Adam and
 with `VMC_SR` (see the workers' docstrings). Every final state is evaluated with an honest
-error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected).
+error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected); on
+tfim6x6 naqs draws 131,072 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`).
 
 Output: `benchmarks/results/race.{json,md}`, `race_<case>.png` (relative error of each step's
 energy estimate against wall time, every contender, seed 0) and the last line
@@ -124,7 +125,12 @@ CASE_DEFAULT_HYPER = {
     # The shift falls geometrically from 1e-3 to 1e-5 over the budget (seeds 100 / 102:
     # 1.1e-7 / 1.8e-7 against 6.0e-7 / 9.3e-7 at a constant 1e-3; a lr step down to 0.004
     # for the last 30 %: 7.7e-7 / 1.1e-6).
+    # NetKet's VMC_SR gets the same falling shift (its diag_shift takes a callable; the
+    # worker's --diag-shift-final): RBM seeds 100 / 101, 30 s, 6.6e-7 / 5.1e-7 against
+    # 8.3e-7 / 1.1e-6 at a constant 1e-3.
     "tfim4x4": {
+        "rbm_sr": {"lr": 0.02, "diag_shift": 1e-3, "diag_shift_final": 1e-5, "spring": 0.0},
+        "arnn_sr": {"lr": 0.02, "diag_shift": 1e-3, "diag_shift_final": 1e-5, "spring": 0.0},
         "naqs_minsr": {
             **NAQS_MODEL,
             "sampler.n_samples": 128,
@@ -132,9 +138,11 @@ CASE_DEFAULT_HYPER = {
             "diag_shift": 1e-3,
             "diag_shift_final": 1e-5,
             "spring": 0.8,
-        }
+        },
     },
-    # Not explored on 6x6: the tfim4x4 settings of then (constant shift) carried over.
+    # The tfim4x4 settings with a constant shift. Seed 100, 240 s (λ → 1e-5 unless said):
+    # D4 × Z2 constant λ 1.8e-5 ± 1.2e-5, λ → 1e-5 1.6e-4; D4 alone (256 samples) 2.8e-4;
+    # Z2 alone (512) 4.2e-4; unsymmetrized (1,024) 2.4e-3.
     "tfim6x6": {
         "naqs_minsr": {
             **NAQS_MODEL,
@@ -160,6 +168,13 @@ CASE_DEFAULT_HYPER = {
             "optim.step_factor": 0.2,
         },
     },
+}
+#: Extra worker arguments for evaluating the final states of a case (36 sites: sampled). The
+#: race's verdict needs the ratio of medians to ±25 %, and each side's error bar falls only as
+#: 1/√samples: naqs draws 2^17 i.i.d. samples (its D4 × Z2-averaged state costs 16 network
+#: passes per amplitude); NetKet's Markov chains give 8 rounds of 65,536.
+EVALUATION = {
+    "tfim6x6": {"naqs": ["--eval-samples", "131072"], "netket": ["--eval-rounds", "8"]},
 }
 #: The tuning grid: the same number of trials (8) for every contender.
 SR_GRID = {"lr": (0.02, 0.05), "diag_shift": (1e-4, 1e-3), "spring": (0.0, 0.8)}
@@ -233,7 +248,8 @@ def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> 
         arguments += ["--threads", str(args.threads)]
     else:
         arguments = [*common, "--contender", label, *netket_arguments(hyper)]
-    timeout = case.budget * 3 + 600
+    arguments += EVALUATION.get(case.name, {}).get(side, [])
+    timeout = case.budget * 3 + 1800
     result = run_worker(side, arguments, worker_environment(args.threads), timeout)
     result.update(label=label, seed=seed, case=case.name, hyper=hyper)
     if "failed" in result:
@@ -446,9 +462,12 @@ def tune(args, cases: list[Case]) -> None:
     """Grid-search every contender on the tuning seeds; write results/race_tuned.json."""
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
     naqs_label = f"naqs_{args.naqs_optim}"
+    only = [c for c in args.only.split(",") if c]
     for case in cases:
         best: dict[str, tuple[float, dict]] = {}
         for label, side, base in contenders(args.naqs_optim, {}, case.name):
+            if only and label not in only:
+                continue
             grid = ADAM_GRID if label.endswith("adam") else SR_GRID
             for values in itertools.product(*grid.values()):
                 hyper = {**base, **dict(zip(grid, values, strict=True))}  # model keys kept
@@ -457,7 +476,10 @@ def tune(args, cases: list[Case]) -> None:
                 score = statistics.median(errors)
                 if score < best.get(label, (math.inf, {}))[0]:
                     best[label] = (score, hyper)
-        tuned[case.name] = {label: hyper for label, (_, hyper) in best.items()}
+        tuned[case.name] = {
+            **(tuned.get(case.name, {}) if only else {}),
+            **{label: hyper for label, (_, hyper) in best.items()},
+        }
         print(f"tuned {case.name}: {tuned[case.name]}", flush=True)
         TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
     del naqs_label
@@ -497,7 +519,8 @@ def main() -> int:
         "--only",
         default="",
         help="contenders to run, e.g. naqs_minsr; the other contenders' runs of each case are"
-        " kept from the existing race.json (the report says so, with their date)",
+        " kept from the existing race.json (the report says so, with their date); with --tune:"
+        " the contenders to tune (the others keep their entries in race_tuned.json)",
     )
     args = parser.parse_args()
     if not NETKET_PYTHON.exists():

@@ -24,7 +24,13 @@ The budget starts before the variational state is built, so it includes JIT comp
 the Metropolis burn-in; `compile_s` reports the first step's excess over the median step.
 The final state is evaluated after the budget (not counted): for 16 sites exactly (the full
 normalized state vector against the sparse Hamiltonian), otherwise from `--eval-samples`
-samples with NetKet's own statistics (τ-corrected error bars for Markov chains).
+samples with NetKet's own statistics (τ-corrected error bars for Markov chains), in
+`--eval-rounds` rounds of `--eval-samples` each (the chains continue from round to round; the
+rounds' means are averaged and their errors combined as independent).
+
+`--diag-shift-final`: the VMC_SR shift falls geometrically from `--diag-shift` to it as the
+fraction of the budget spent goes 0 → 1 (naqs's `optim.diag_shift_final`, the same form);
+NetKet's `diag_shift` accepts a callable, called with the step count once per step.
 """
 
 from __future__ import annotations
@@ -100,18 +106,45 @@ def exact_values(vstate, hamiltonian) -> dict:
     return {"energy": energy, "energy_err": 0.0, "variance": variance, "exact": True}
 
 
-def sampled_values(vstate, hamiltonian, n_samples: int) -> dict:
-    """Energy, its τ-corrected error and the variance from n_samples samples."""
+def sampled_values(vstate, hamiltonian, n_samples: int, rounds: int = 1) -> dict:
+    """Energy, its τ-corrected error and the variance from `rounds` × n_samples samples."""
     vstate.n_samples = n_samples
-    vstate.reset()
-    stats = vstate.expect(hamiltonian)
+    rounds_stats = []
+    for _ in range(max(rounds, 1)):
+        vstate.reset()
+        stats = vstate.expect(hamiltonian)
+        tau = float(getattr(stats, "tau_corr", float("nan")))
+        rounds_stats.append(
+            (float(stats.mean.real), float(stats.error_of_mean), float(stats.variance), tau)
+        )
+    return {**combine_rounds(rounds_stats), "samples": n_samples * len(rounds_stats)}
+
+
+def combine_rounds(rounds: list[tuple[float, float, float, float]]) -> dict:
+    """Combine equal-sized evaluation rounds (mean, error of the mean, variance, τ): the mean
+    of the means, their errors added in quadrature over k², the mean variance, the largest τ."""
+    k = len(rounds)
+    means, errors, variances, taus = zip(*rounds, strict=True)
     return {
-        "energy": float(stats.mean.real),
-        "energy_err": float(stats.error_of_mean),
-        "variance": float(stats.variance),
-        "tau": float(getattr(stats, "tau_corr", float("nan"))),
+        "energy": sum(means) / k,
+        "energy_err": sum(e * e for e in errors) ** 0.5 / k,
+        "variance": sum(variances) / k,
+        "tau": max(taus),
         "exact": False,
     }
+
+
+def shift_schedule(initial: float, final: float | None, budget: float, start: float):
+    """λ(t) = initial·(final/initial)^(t/budget), t the seconds since `start` (capped at the
+    budget); the plain number when `final` is None."""
+    if final is None:
+        return initial
+
+    def shift(_step) -> float:
+        fraction = min(max((time.perf_counter() - start) / budget, 0.0), 1.0)
+        return initial * (final / initial) ** fraction
+
+    return shift
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -129,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         driver = nk.driver.VMC_SR(
             hamiltonian,
             optax.sgd(args.lr),
-            diag_shift=args.diag_shift,
+            diag_shift=shift_schedule(args.diag_shift, args.diag_shift_final, args.budget, start),
             momentum=args.spring if args.spring > 0 else None,
             variational_state=vstate,
         )
@@ -151,14 +184,19 @@ def run(args: argparse.Namespace) -> dict:
     if graph.n_nodes <= 16:
         final = exact_values(vstate, hamiltonian)
     else:
-        final = sampled_values(vstate, hamiltonian, args.eval_samples)
+        final = sampled_values(vstate, hamiltonian, args.eval_samples, args.eval_rounds)
     dtype = "float64" if args.contender == "rbm_sr" else "float32"
     return {
         "side": "netket",
         "case": args.case,
         "contender": args.contender,
         "seed": args.seed,
-        "hyper": {"lr": args.lr, "diag_shift": args.diag_shift, "spring": args.spring},
+        "hyper": {
+            "lr": args.lr,
+            "diag_shift": args.diag_shift,
+            "spring": args.spring,
+            **({"diag_shift_final": args.diag_shift_final} if args.diag_shift_final else {}),
+        },
         "dtype": dtype,
         "n_params": int(vstate.n_parameters),
         "n_sites": int(graph.n_nodes),
@@ -179,9 +217,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--diag-shift", type=float, default=1e-3)
+    parser.add_argument(
+        "--diag-shift-final", type=float, default=None, help="shift at the end of the budget"
+    )
     parser.add_argument("--spring", type=float, default=0.0, help="VMC_SR momentum (0: off)")
     parser.add_argument("--samples", type=int, default=1024, help="samples per step")
     parser.add_argument("--eval-samples", type=int, default=65536)
+    parser.add_argument("--eval-rounds", type=int, default=1, help="rounds of --eval-samples")
     parser.add_argument("--cpus", default="", help="CPUs to pin to, e.g. 0,1")
     args = parser.parse_args()
     _pin_cpus(args.cpus)

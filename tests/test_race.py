@@ -1,0 +1,115 @@
+"""`benchmarks/race.py` and the NetKet worker's pure parts on fake worker results: the verdict
+(ratio of medians, or a tie when its relative uncertainty is above 0.25), the per-case
+evaluation arguments, `--tune --only` keeping the other contenders' tuned entries, the NetKet
+worker's falling shift and its combination of evaluation rounds. No worker runs and NetKet's
+venv is not needed."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import race  # noqa: E402
+import race_worker_netket  # noqa: E402
+
+
+def fake_runs(label: str, errors: list[float], bars: list[float]) -> list[dict]:
+    return [
+        {"label": label, "relative_error": e, "relative_error_err": b, "v_score": 1e-4}
+        | {"steps": 10, "compile_s": 0.0, "dtype": "float32", "n_params": 5, "hyper": {}}
+        for e, b in zip(errors, bars, strict=True)
+    ]
+
+
+def test_verdict_is_the_ratio_of_medians_when_precise_enough():
+    runs = fake_runs("naqs_minsr", [3e-6, 1e-6, 2e-6], [0.1e-6] * 3)
+    runs += fake_runs("rbm_sr", [4e-6, 8e-6, 5e-6], [0.5e-6] * 3)
+    summary = race.summarize_case(race.CASES["tfim6x6"], runs, "naqs_minsr")
+    assert summary["best_netket"] == "rbm_sr"
+    assert summary["ratio"] == pytest.approx(2e-6 / 5e-6)
+    assert summary["ratio_uncertainty"] == pytest.approx(math.hypot(0.05, 0.1))
+    assert summary["verdict"] == "0.4"
+
+
+def test_verdict_is_a_tie_when_the_ratio_is_uncertain():
+    # The median runs' error bars: 0.2 and 0.2 relative, 0.28 together (> 0.25).
+    runs = fake_runs("naqs_minsr", [2e-6, 1e-6, 3e-6], [0.4e-6] * 3)
+    runs += fake_runs("rbm_sr", [5e-6, 4e-6, 6e-6], [1e-6] * 3)
+    summary = race.summarize_case(race.CASES["tfim6x6"], runs, "naqs_minsr")
+    assert summary["ratio_uncertainty"] == pytest.approx(math.hypot(0.2, 0.2))
+    assert summary["verdict"] == "tie"
+
+
+def test_each_side_gets_its_evaluation_arguments(monkeypatch):
+    seen = {}
+
+    def fake_worker(side, arguments, env, timeout):
+        seen[side] = arguments
+        return {"failed": "not run"}
+
+    monkeypatch.setattr(race, "run_worker", fake_worker)
+    args = SimpleNamespace(cpus="0,1", threads=2)
+    race.run_one(race.CASES["tfim6x6"], "naqs_minsr", "naqs", {}, 0, args)
+    race.run_one(race.CASES["tfim6x6"], "rbm_sr", "netket", {}, 0, args)
+    assert seen["naqs"][-2:] == ["--eval-samples", "131072"]
+    assert seen["netket"][-2:] == ["--eval-rounds", "8"]
+    race.run_one(race.CASES["tfim4x4"], "naqs_minsr", "naqs", {}, 0, args)
+    race.run_one(race.CASES["tfim4x4"], "rbm_sr", "netket", {}, 0, args)
+    assert "--eval-samples" not in seen["naqs"]  # 16 sites: evaluated exactly
+    assert "--eval-rounds" not in seen["netket"]
+
+
+def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
+    tuned_path = tmp_path / "race_tuned.json"
+    tuned_path.write_text(json.dumps({"tfim4x4": {"arnn_adam": {"lr": 0.005}}}))
+    monkeypatch.setattr(race, "TUNED", tuned_path)
+    calls = []
+
+    def fake_run_one(case, label, side, hyper, seed, args):
+        calls.append(label)
+        # The best trial: lr 0.05, shift 1e-4, SPRING 0.8 (errors are smallest there).
+        error = 1.0 + (hyper["lr"] != 0.05) + (hyper["diag_shift"] != 1e-4) + (hyper["spring"] == 0)
+        return {"relative_error": error * (1 + seed / 1000)}
+
+    monkeypatch.setattr(race, "run_one", fake_run_one)
+    args = SimpleNamespace(naqs_optim="minsr", only="rbm_sr")
+    race.tune(args, [race.CASES["tfim4x4"]])
+    assert set(calls) == {"rbm_sr"}
+    assert len(calls) == 8 * len(race.TUNE_SEEDS)  # the same trials for every contender
+    tuned = json.loads(tuned_path.read_text())["tfim4x4"]
+    assert tuned["arnn_adam"] == {"lr": 0.005}
+    # The grid's values win; keys outside the grid (the falling shift) are kept.
+    best = {"lr": 0.05, "diag_shift": 1e-4, "diag_shift_final": 1e-5, "spring": 0.8}
+    assert tuned["rbm_sr"] == best
+
+
+def test_netket_shift_falls_geometrically_over_the_budget(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(race_worker_netket.time, "perf_counter", lambda: clock[0])
+    shift = race_worker_netket.shift_schedule(1e-3, 1e-5, budget=30.0, start=100.0)
+    assert shift(0) == pytest.approx(1e-3)
+    clock[0] = 115.0
+    assert shift(7) == pytest.approx(1e-4)
+    clock[0] = 130.0
+    assert shift(9) == pytest.approx(1e-5)
+    clock[0] = 200.0  # past the budget: stays at the final value
+    assert shift(11) == pytest.approx(1e-5)
+    assert race_worker_netket.shift_schedule(1e-3, None, 30.0, 0.0) == 1e-3
+
+
+def test_netket_evaluation_rounds_combine_as_independent():
+    rounds = [(-1.0, 0.02, 4.0, 1.0), (-1.2, 0.02, 6.0, 3.0)]
+    combined = race_worker_netket.combine_rounds(rounds)
+    assert combined["energy"] == pytest.approx(-1.1)
+    assert combined["energy_err"] == pytest.approx(0.02 / math.sqrt(2))
+    assert combined["variance"] == pytest.approx(5.0)
+    assert combined["tau"] == 3.0
+    one = race_worker_netket.combine_rounds(rounds[:1])
+    assert (one["energy"], one["energy_err"]) == (-1.0, 0.02)
