@@ -127,10 +127,10 @@ CASE_DEFAULT_HYPER = {
     # for the last 30 %: 7.7e-7 / 1.1e-6).
     # NetKet's VMC_SR gets the same falling shift (its diag_shift takes a callable; the
     # worker's --diag-shift-final): RBM seeds 100 / 101, 30 s, 6.6e-7 / 5.1e-7 against
-    # 8.3e-7 / 1.1e-6 at a constant 1e-3.
+    # 8.3e-7 / 1.1e-6 at a constant 1e-3. Not the ARNN: with it, race seeds 0-2 ended at
+    # 1.3e-3 / 0.18 / 0.90 (2026-12-05 12:17), against 2.5e-4 median at a constant shift.
     "tfim4x4": {
         "rbm_sr": {"lr": 0.02, "diag_shift": 1e-3, "diag_shift_final": 1e-5, "spring": 0.0},
-        "arnn_sr": {"lr": 0.02, "diag_shift": 1e-3, "diag_shift_final": 1e-5, "spring": 0.0},
         "naqs_minsr": {
             **NAQS_MODEL,
             "sampler.n_samples": 128,
@@ -274,8 +274,14 @@ def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> 
     return result
 
 
+def _error_key(run: dict) -> float:
+    """A run's relative error for ranking; a diverged run (NaN energy) ranks last."""
+    error = run["relative_error"]
+    return error if math.isfinite(error) else math.inf
+
+
 def median_run(runs: list[dict]) -> dict | None:
-    good = sorted((r for r in runs if "relative_error" in r), key=lambda r: r["relative_error"])
+    good = sorted((r for r in runs if "relative_error" in r), key=_error_key)
     return good[(len(good) - 1) // 2] if good else None
 
 
@@ -285,7 +291,7 @@ def summarize_case(case: Case, runs: list[dict], naqs_label: str) -> dict:
     for label in dict.fromkeys(r["label"] for r in runs):
         own = [r for r in runs if r["label"] == label]
         middle = median_run(own)
-        errors = [r["relative_error"] for r in own if "relative_error" in r]
+        errors = [_error_key(r) for r in own if "relative_error" in r]
         table[label] = {
             "median": middle["relative_error"] if middle else math.nan,
             "median_err": middle["relative_error_err"] if middle else math.nan,
@@ -295,6 +301,7 @@ def summarize_case(case: Case, runs: list[dict], naqs_label: str) -> dict:
             "steps": [r.get("steps") for r in own],
             "compile_s": [r.get("compile_s") for r in own],
             "failed": [r["failed"] for r in own if "failed" in r],
+            "diverged": sum(1 for e in errors if math.isinf(e)),
             "dtype": next((r["dtype"] for r in own if "dtype" in r), "?"),
             "n_params": next((r["n_params"] for r in own if "n_params" in r), None),
             "hyper": own[0]["hyper"],
@@ -410,8 +417,10 @@ def markdown(summaries: list[dict], meta: dict) -> str:
         f" {meta['cpus']}; load before: {meta['load_before']}, after: {meta['load_after']};"
         f" {meta['versions']}.",
         "",
-        "Relative error (E − E0)/|E0| of the final state (16 sites: exact; 36: 65,536"
-        " samples), median over seeds, worst case, V-score = N·Var(E)/E² (median seed).",
+        "Relative error (E − E0)/|E0| of the final state (16 sites: exact; 36 sites: sampled,"
+        " naqs 131,072 i.i.d. samples, NetKet 8 rounds of 65,536 with τ-corrected errors;"
+        " runs before 2026-12-05 12:00: 65,536 each), median over seeds, worst case"
+        " (a diverged run, NaN, counts as the worst), V-score = N·Var(E)/E² (median seed).",
         "",
     ]
     for s in summaries:
@@ -420,7 +429,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             f"## {s['case']} ({s['budget_s']:g} s; reference: {s['reference_source']})",
             "",
             f"Raced {own['date']}, load before {own['load_before']}, after"
-            f" {own.get('load_after', '?')}; naqs hyperparameters: {own['tuned']}."
+            f" {own.get('load_after', '?')}; hyperparameters: {s.get('tuned', own.get('tuned'))}."
             + (
                 f" Runs kept (not rerun): {own['kept'][s['case']]}."
                 if s["case"] in own.get("kept", {})
@@ -437,6 +446,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             compile_s = "/".join(f"{x:.0f}" for x in row["compile_s"] if x is not None)
             hyper = ", ".join(f"{k}={v}" for k, v in row["hyper"].items()) or "defaults"
             failed = f" ({len(row['failed'])} failed)" if row["failed"] else ""
+            failed += f" ({row['diverged']} diverged: NaN)" if row.get("diverged") else ""
             lines.append(
                 f"| {label}{failed} | {row['dtype']} | {row['n_params']} |"
                 f" {row['median']:.2e} ± {row['median_err']:.0e} | {row['worst']:.2e} |"
@@ -473,6 +483,7 @@ def tune(args, cases: list[Case]) -> None:
                 hyper = {**base, **dict(zip(grid, values, strict=True))}  # model keys kept
                 runs = [run_one(case, label, side, hyper, s, args) for s in TUNE_SEEDS]
                 errors = [r.get("relative_error", math.inf) for r in runs]
+                errors = [e if math.isfinite(e) else math.inf for e in errors]  # NaN: diverged
                 score = statistics.median(errors)
                 if score < best.get(label, (math.inf, {}))[0]:
                     best[label] = (score, hyper)
@@ -483,6 +494,43 @@ def tune(args, cases: list[Case]) -> None:
         print(f"tuned {case.name}: {tuned[case.name]}", flush=True)
         TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
     del naqs_label
+
+
+def rebuild_report(out: Path, naqs_label: str) -> int:
+    """Recompute every case's summary from race.json's runs (each keeps its run conditions),
+    rewrite race.json and race.md, and print the last line."""
+    data = json.loads((out / "race.json").read_text())
+    old = {s["case"]: s for s in data["summaries"]}
+    summaries = []
+    for name, case in CASES.items():
+        runs = [r for r in data["runs"] if r.get("case") == name]
+        if not runs:
+            continue
+        summary = summarize_case(case, runs, naqs_label)
+        for key in ("meta", "tuned"):
+            if key in old.get(name, {}):
+                summary[key] = old[name][key]
+        summaries.append(summary)
+    data["summaries"] = summaries
+    (out / "race.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "race.md").write_text(markdown(summaries, data["meta"]))
+    verdicts = {s["case"]: s["verdict"] for s in summaries}
+    print("race " + " ".join(f"{c}={verdicts.get(c, 'n/a')}" for c in CASES))
+    return 0
+
+
+def tuning_note(tuned: dict, case: str) -> str:
+    """Where a case's hyperparameters came from, for the report."""
+    defaults = "the defaults in race.py (DEFAULT_HYPER, CASE_DEFAULT_HYPER)"
+    labels = list(tuned.get(case, {}))
+    if not labels:
+        return f"no race-tune run for this case: {defaults}"
+    seeds = ", ".join(str(s) for s in TUNE_SEEDS)
+    return (
+        f"{', '.join(labels)} from `make race-tune` ({TUNED.name}: the same grid of"
+        f" {len(list(itertools.product(*SR_GRID.values())))} trials each, seeds {seeds});"
+        f" the others: {defaults}"
+    )
 
 
 def merge_previous(path: Path, summaries: list[dict], runs: list[dict]):
@@ -516,6 +564,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from race.json")
     parser.add_argument(
+        "--report",
+        action="store_true",
+        help="recompute the summaries and race.md from race.json's runs (no worker runs)",
+    )
+    parser.add_argument(
         "--only",
         default="",
         help="contenders to run, e.g. naqs_minsr; the other contenders' runs of each case are"
@@ -527,6 +580,8 @@ def main() -> int:
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
         return 2
     cases = [CASES[c] for c in args.cases.split(",")]
+    if args.report:
+        return rebuild_report(args.out, f"naqs_{args.naqs_optim}")
     if args.replot:
         runs = json.loads((args.out / "race.json").read_text())["runs"]
         for case in cases:
@@ -545,9 +600,6 @@ def main() -> int:
         "threads": args.threads,
         "cpus": args.cpus,
         "load_before": load_average(),
-        "tuned": str(TUNED.relative_to(ROOT))
-        if TUNED.exists()
-        else "no race-tune run: the defaults in race.py (DEFAULT_HYPER, CASE_DEFAULT_HYPER)",
     }
     only = [c for c in args.only.split(",") if c]
     previous = {"runs": [], "summaries": []}
@@ -573,6 +625,7 @@ def main() -> int:
                 )
             runs += kept
         summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
+        summaries[-1]["tuned"] = tuning_note(tuned, case.name)
         args.out.mkdir(parents=True, exist_ok=True)
         plot_case(case, runs, args.out / f"race_{case.name}.png")
         all_runs += runs

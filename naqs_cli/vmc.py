@@ -69,7 +69,8 @@ def local_energy(
     configurations whose cache fits `RATIO_CACHE_BYTES`; repeated configurations are evaluated
     once. Other models (the symmetrized
     wrapper) evaluate ln Ψ(x') in full. A full-basis batch (fullsum) uses (HΨ)(x)/Ψ(x) with
-    the sparse matrix; states with Ψ = 0 get E_loc = 0 (their weight is 0).
+    the sparse matrix; states with Ψ = 0 (below `FULL_BASIS_ZERO` of the largest amplitude)
+    get E_loc = 0.
 
     Args:
         model: the wave function.
@@ -150,13 +151,20 @@ def _local_energy_full_passes(
     return LocalEnergy(diagonal + off_diagonal, off_diagonal)
 
 
+#: Full sums: amplitudes below this fraction of the largest count as Ψ = 0. Below it
+#: (HΨ)(x)/Ψ(x) next to a large neighbour overflows float64 when squared, and weight × E_loc²
+#: became NaN for a state collapsed onto a few configurations; above it every sum is as exact
+#: as before (weights ≥ 1e-300, |E_loc|² < 1e306).
+FULL_BASIS_ZERO = 1e-150
+
+
 def _local_energy_full_basis(hamiltonian, log_psi: torch.Tensor) -> LocalEnergy:
     matrix = _sparse(hamiltonian)
     lp = log_psi.detach().cpu().numpy()
     psi = np.exp(lp - lp.real.max())
     h_psi = matrix @ psi
     diag = matrix.diagonal()
-    nonzero = np.abs(psi) > 0
+    nonzero = np.abs(psi) > FULL_BASIS_ZERO
     total = np.zeros_like(psi)
     total[nonzero] = h_psi[nonzero] / psi[nonzero]
     off = np.where(nonzero, total - diag, 0.0)

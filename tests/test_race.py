@@ -88,6 +88,26 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
     # The grid's values win; keys outside the grid (the falling shift) are kept.
     best = {"lr": 0.05, "diag_shift": 1e-4, "diag_shift_final": 1e-5, "spring": 0.8}
     assert tuned["rbm_sr"] == best
+    note = race.tuning_note(json.loads(tuned_path.read_text()), "tfim4x4")
+    assert note.startswith("arnn_adam, rbm_sr from `make race-tune`")
+    assert race.tuning_note({}, "tfim4x4").startswith("no race-tune run for this case")
+
+
+def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TUNE_SEEDS", (100, 101, 102))
+
+    def fake_run_one(case, label, side, hyper, seed, args):
+        # The first grid point: one seed diverged (NaN), the others 1e-9 and 5e-9, so its
+        # median is 5e-9 (NaN sorts last); every other point gives 3e-9 on every seed.
+        if (hyper["lr"], hyper["diag_shift"], hyper["spring"]) == (0.02, 1e-4, 0.0):
+            return {"relative_error": {100: math.nan, 101: 1e-9, 102: 5e-9}[seed]}
+        return {"relative_error": 3e-9}
+
+    monkeypatch.setattr(race, "run_one", fake_run_one)
+    race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim6x6"]])
+    tuned = json.loads((tmp_path / "race_tuned.json").read_text())["tfim6x6"]["rbm_sr"]
+    assert (tuned["lr"], tuned["diag_shift"], tuned["spring"]) != (0.02, 1e-4, 0.0)
 
 
 def test_netket_shift_falls_geometrically_over_the_budget(monkeypatch):
@@ -113,3 +133,34 @@ def test_netket_evaluation_rounds_combine_as_independent():
     assert combined["tau"] == 3.0
     one = race_worker_netket.combine_rounds(rounds[:1])
     assert (one["energy"], one["energy_err"]) == (-1.0, 0.02)
+
+
+def test_a_diverged_run_ranks_last_in_the_median_and_is_reported():
+    runs = fake_runs("naqs_minsr", [math.nan, 1.9e-6, 1.5e-6], [0.0] * 3)
+    runs += fake_runs("rbm_sr", [8.6e-7, 5.0e-7, 5.5e-7], [0.0] * 3)
+    summary = race.summarize_case(race.CASES["tfim4x4"], runs, "naqs_minsr")
+    row = summary["contenders"]["naqs_minsr"]
+    assert row["median"] == 1.9e-6  # [1.5e-6, 1.9e-6, NaN → last]
+    assert row["worst"] == math.inf and row["diverged"] == 1
+    assert summary["ratio"] == pytest.approx(1.9e-6 / 5.5e-7)
+    meta = {"date": "d", "cpu": "c", "threads": 2, "cpus": "0,1", "load_before": "1"}
+    meta |= {"load_after": "1", "versions": "v"}
+    report = race.markdown([summary | {"meta": meta}], meta)
+    assert "| naqs_minsr (1 diverged: NaN) |" in report
+
+
+def test_report_is_rebuilt_from_the_runs(tmp_path, capsys):
+    runs = fake_runs("naqs_minsr", [math.nan, 1.9e-6, 1.5e-6], [0.0] * 3)
+    runs += fake_runs("rbm_sr", [8.6e-7, 5.0e-7, 5.5e-7], [0.0] * 3)
+    for r in runs:
+        r["case"] = "tfim4x4"
+    meta = {"date": "d", "cpu": "c", "threads": 2, "cpus": "0,1", "load_before": "1"}
+    meta |= {"load_after": "1", "versions": "v"}
+    stale = {"case": "tfim4x4", "verdict": "0.1", "meta": meta, "tuned": "by hand"}
+    data = {"meta": meta, "summaries": [stale], "runs": runs}
+    (tmp_path / "race.json").write_text(json.dumps(data))
+    assert race.rebuild_report(tmp_path, "naqs_minsr") == 0
+    assert capsys.readouterr().out.strip() == "race tfim4x4=3.45 tfim6x6=n/a heis4x4=n/a"
+    summary = json.loads((tmp_path / "race.json").read_text())["summaries"][0]
+    assert summary["tuned"] == "by hand" and summary["verdict"] == "3.45"
+    assert "hyperparameters: by hand." in (tmp_path / "race.md").read_text()

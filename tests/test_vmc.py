@@ -50,6 +50,38 @@ def _models(lattice):
     }
 
 
+class _PeakedState(torch.nn.Module):
+    """ln Ψ: 0 on the all-up state, `depth` (very negative) everywhere else."""
+
+    def __init__(self, depth: float) -> None:
+        super().__init__()
+        self.depth = depth
+
+    def log_psi(self, x: torch.Tensor) -> torch.Tensor:
+        up = (x == 1).all(dim=1)
+        real = torch.where(up, 0.0, self.depth).to(torch.float64)
+        return torch.complex(real, torch.zeros_like(real))
+
+
+@pytest.mark.parametrize("depth", [-300.0, -700.0, -745.0, -1e4])
+def test_fullsum_energy_of_a_state_peaked_on_one_configuration_is_finite(depth):
+    # A state collapsed onto |↑↑↑↑⟩ (what a diverged natural-gradient step leaves): at
+    # ln Ψ = −700 the neighbours' Ψ is 1e-304 and (HΨ)/Ψ = 1e304 overflowed weight × E_loc² to
+    # NaN; −745 is float64's smallest subnormal; −1e4 underflows to exactly 0. At −300 the
+    # neighbours still count, and the variance is the exact Var(H) = Γ²N of the product state;
+    # deeper they are Ψ = 0 and the variance is what a sampler sees (0).
+    lattice = SquareLattice(2, 2)
+    hamiltonian = TransverseFieldIsing(lattice=lattice, J=1.0, gamma=3.0)
+    model = _PeakedState(depth)
+    batch = FullSumSampler(hamiltonian=hamiltonian).sample(model)
+    e_loc = local_energy(model, hamiltonian, batch)
+    values = vmc.estimate_observables(batch, e_loc, hamiltonian)
+    # ⟨↑↑↑↑|H|↑↑↑↑⟩ = −J × 4 bonds on the open 2×2; the Γ part has no diagonal.
+    assert values["energy"] == pytest.approx(-4.0 / 4, abs=1e-12)
+    expected = 3.0**2 * 4 / 4**2 if depth > -345 else 0.0  # Var(H)/N²
+    assert values["energy_variance"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(2, 2), (3, 3)])
 @pytest.mark.parametrize("kind", ["pixelcnn", "dense"])
 def test_fullsum_step_gradient_is_exact(shape, kind):

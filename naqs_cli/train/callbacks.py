@@ -81,15 +81,25 @@ class Callback:
         """Write what is buffered (before a checkpoint, a rollback or a stop)."""
 
 
+#: Steps in a row with a gradient of exactly 0 after which the run warns of a collapse.
+COLLAPSE_STEPS = 10
+
+
 class HistoryRows(Callback):
     """Buffer each step's row (device values) and append them to history.h5 at log points.
 
     Reading the rows is the loop's only host-device sync besides the step's own; the energies
-    read feed the smoothing window of best.pt (`trainer.recent`).
+    read feed the smoothing window of best.pt (`trainer.recent`). The gradients read are
+    watched for a collapse: a gradient of exactly 0 for `COLLAPSE_STEPS` steps in a row means
+    every sample is one configuration (Var E_loc = 0 on the samples); an autoregressive state
+    that put all its weight on one product state draws nothing else and cannot leave it (seen
+    after a first natural-gradient step with a small shift). The run warns once and goes on.
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, list] = {}
+        self.zero_gradients = 0  # steps in a row with a gradient of exactly 0
+        self.warned_collapse = False
 
     def on_step_end(self, trainer: Trainer, row: dict[str, Any], events: StepEvents) -> None:
         for key, value in row.items():
@@ -102,6 +112,7 @@ class HistoryRows(Callback):
         if not rows:
             return
         self._to_host(trainer, rows)
+        self._watch_collapse(rows)
 
         def append() -> None:
             try:
@@ -137,6 +148,21 @@ class HistoryRows(Callback):
                 trainer.recent = (trainer.recent + [energy])[-smoothing:]
         if energies:
             trainer.last_values = {k: column[-1] for k, column in rows.items()}
+
+    def _watch_collapse(self, rows: dict[str, list]) -> None:
+        """Warn once when the gradient has been exactly 0 for `COLLAPSE_STEPS` steps."""
+        for step, norm in zip(rows.get("step", []), rows.get("grad_norm", []), strict=False):
+            self.zero_gradients = self.zero_gradients + 1 if norm == 0 else 0
+            if self.zero_gradients == COLLAPSE_STEPS and not self.warned_collapse:
+                self.warned_collapse = True
+                log.warning(
+                    "steps %d-%d: the gradient was exactly 0 in each: every sample is the same"
+                    " configuration, so the state sits on one product state and cannot leave"
+                    " it; unless that is the ground state (e.g. the TFIM at gamma=0), rerun"
+                    " with a smaller optim.lr or a larger optim.diag_shift",
+                    step - COLLAPSE_STEPS + 1,
+                    step,
+                )
 
 
 class ProgressBar(Callback):
