@@ -51,6 +51,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -430,6 +431,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             "",
             f"Raced {own['date']}, load before {own['load_before']}, after"
             f" {own.get('load_after', '?')}; hyperparameters: {s.get('tuned', own.get('tuned'))}."
+            + (f" The case took {s['duration_s'] / 60:.0f} min." if "duration_s" in s else "")
             + (
                 f" Runs kept (not rerun): {own['kept'][s['case']]}."
                 if s["case"] in own.get("kept", {})
@@ -507,7 +509,7 @@ def rebuild_report(out: Path, naqs_label: str) -> int:
         if not runs:
             continue
         summary = summarize_case(case, runs, naqs_label)
-        for key in ("meta", "tuned"):
+        for key in ("meta", "tuned", "duration_s"):
             if key in old.get(name, {}):
                 summary[key] = old[name][key]
         summaries.append(summary)
@@ -608,6 +610,7 @@ def main() -> int:
         meta["kept"] = {}
     summaries, all_runs = [], []
     for case in cases:
+        case_start = time.perf_counter()
         runs = []
         for seed in seeds:
             for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
@@ -626,6 +629,8 @@ def main() -> int:
             runs += kept
         summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
         summaries[-1]["tuned"] = tuning_note(tuned, case.name)
+        summaries[-1]["duration_s"] = time.perf_counter() - case_start
+        print(f"  {case.name}: {summaries[-1]['duration_s'] / 60:.1f} min", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         plot_case(case, runs, args.out / f"race_{case.name}.png")
         all_runs += runs
