@@ -275,6 +275,17 @@ def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> 
     return result
 
 
+def _labels(text: str) -> list[str]:
+    """The contender labels of a comma-separated `--only`."""
+    return [label for label in text.split(",") if label]
+
+
+def last_line(summaries: list[dict]) -> str:
+    """`race tfim4x4=<a> tfim6x6=<b> heis4x4=<c>` (n/a for a case not raced)."""
+    verdicts = {s["case"]: s["verdict"] for s in summaries}
+    return "race " + " ".join(f"{c}={verdicts.get(c, 'n/a')}" for c in CASES)
+
+
 def _error_key(run: dict) -> float:
     """A run's relative error for ranking; a diverged run (NaN energy) ranks last."""
     error = run["relative_error"]
@@ -474,7 +485,7 @@ def tune(args, cases: list[Case]) -> None:
     """Grid-search every contender on the tuning seeds; write results/race_tuned.json."""
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
     naqs_label = f"naqs_{args.naqs_optim}"
-    only = [c for c in args.only.split(",") if c]
+    only = _labels(args.only)
     for case in cases:
         best: dict[str, tuple[float, dict]] = {}
         for label, side, base in contenders(args.naqs_optim, {}, case.name):
@@ -484,8 +495,7 @@ def tune(args, cases: list[Case]) -> None:
             for values in itertools.product(*grid.values()):
                 hyper = {**base, **dict(zip(grid, values, strict=True))}  # model keys kept
                 runs = [run_one(case, label, side, hyper, s, args) for s in TUNE_SEEDS]
-                errors = [r.get("relative_error", math.inf) for r in runs]
-                errors = [e if math.isfinite(e) else math.inf for e in errors]  # NaN: diverged
+                errors = [_error_key(r) if "relative_error" in r else math.inf for r in runs]
                 score = statistics.median(errors)
                 if score < best.get(label, (math.inf, {}))[0]:
                     best[label] = (score, hyper)
@@ -516,8 +526,7 @@ def rebuild_report(out: Path, naqs_label: str) -> int:
     data["summaries"] = summaries
     (out / "race.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "race.md").write_text(markdown(summaries, data["meta"]))
-    verdicts = {s["case"]: s["verdict"] for s in summaries}
-    print("race " + " ".join(f"{c}={verdicts.get(c, 'n/a')}" for c in CASES))
+    print(last_line(summaries))
     return 0
 
 
@@ -530,7 +539,7 @@ def tuning_note(tuned: dict, case: str) -> str:
     seeds = ", ".join(str(s) for s in TUNE_SEEDS)
     return (
         f"{', '.join(labels)} from `make race-tune` ({TUNED.name}: the same grid of"
-        f" {len(list(itertools.product(*SR_GRID.values())))} trials each, seeds {seeds});"
+        f" {math.prod(len(v) for v in SR_GRID.values())} trials each, seeds {seeds});"
         f" the others: {defaults}"
     )
 
@@ -603,7 +612,7 @@ def main() -> int:
         "cpus": args.cpus,
         "load_before": load_average(),
     }
-    only = [c for c in args.only.split(",") if c]
+    only = _labels(args.only)
     previous = {"runs": [], "summaries": []}
     if only and (args.out / "race.json").exists():
         previous = json.loads((args.out / "race.json").read_text())
@@ -644,8 +653,7 @@ def main() -> int:
         json.dumps({"meta": meta, "summaries": summaries, "runs": all_runs}, indent=1) + "\n"
     )
     (args.out / "race.md").write_text(markdown(summaries, meta))
-    verdicts = {s["case"]: s["verdict"] for s in summaries}
-    print("race " + " ".join(f"{c}={verdicts.get(c, 'n/a')}" for c in CASES))
+    print(last_line(summaries))
     return 0
 
 
