@@ -587,6 +587,9 @@ def main() -> int:
         " the contenders to tune (the others keep their entries in race_tuned.json)",
     )
     args = parser.parse_args()
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {','.join(CASES)}")
     if not NETKET_PYTHON.exists():
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
         return 2

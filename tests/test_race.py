@@ -164,3 +164,12 @@ def test_report_is_rebuilt_from_the_runs(tmp_path, capsys):
     summary = json.loads((tmp_path / "race.json").read_text())["summaries"][0]
     assert summary["tuned"] == "by hand" and summary["verdict"] == "3.45"
     assert "hyperparameters: by hand." in (tmp_path / "race.md").read_text()
+
+
+def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["race.py", "--cases", "tfim4x4,tfim9x9"])
+    with pytest.raises(SystemExit) as stop:
+        race.main()
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == "race.py: error: --cases: unknown tfim9x9; choose from tfim4x4,tfim6x6,heis4x4"
