@@ -332,6 +332,7 @@ def build_update_rule(cfg: DictConfig, model: torch.nn.Module) -> UpdateRule:
             spring=float(optim.spring),
             solver=str(optim.solver),
             grad_clip=grad_clip,
+            max_infidelity=None if optim.max_infidelity is None else float(optim.max_infidelity),
         )
     raise ConfigError(f"optim._target_={cfg.optim._target_}: allowed: adam | sgd | sr | minsr")
 

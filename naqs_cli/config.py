@@ -126,6 +126,7 @@ class MinSRConfig:
     step_every: int = 1000
     step_factor: float = 0.5
     grad_clip: float | None = None
+    max_infidelity: float | None = 0.5
 
 
 @dataclass

@@ -24,6 +24,9 @@ equal by the push-through identity (NetKet's `VMC_SR` convention: its kernel sol
   alike), SR δθ_k = μδθ_{k−1} + (S + D)⁻¹(g − μSδθ_{k−1}) = (S + D)⁻¹(g + μDδθ_{k−1}); the
   previous δθ is in `state_dict` (resume continues exactly).
 - `grad_clip` clips ‖δθ‖ (the update before the learning rate).
+- Trust region (`max_infidelity`): after the step the fidelity |⟨Ψ|Ψ'⟩|² with the state
+  before it is estimated on the batch; while it is below 1 − max_infidelity the step is
+  halved (θ restored, lr·δθ/2 tried), at most `trust_region.MAX_HALVINGS` times.
 
 Jacobian rows stay in the model's dtype; S and T are accumulated and solved in float64
 (Cholesky; when that fails, an eigendecomposition with the same shift). A failed solve
@@ -38,7 +41,9 @@ so every rank ends with the same parameters.
 History (`StepResult.info`, every step): diag_shift (λ), update_norm (‖δθ‖ before
 clipping), effective_rank (exp of the entropy of the normalized eigenvalues of S̃ or T̃; only
 when an eigendecomposition ran, i.e. `solver=eigh` or a Cholesky fallback, else NaN) and
-solve_time (seconds to assemble and solve the system, Jacobian excluded).
+solve_time (seconds to assemble and solve the system, Jacobian excluded), fidelity (the
+estimated |⟨Ψ|Ψ'⟩|² of the step taken; NaN without a trust region) and step_scale (s, the
+fraction of lr·δθ taken: 1, or 2^−k after k halvings).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from naqs_cli import allocator, distributed, vmc
+from naqs_cli import allocator, distributed, trust_region, vmc
 from naqs_cli.optim import UpdateRule
 from naqs_cli.samplers import Samples
 from naqs_cli.state import VariationalState
@@ -69,7 +74,7 @@ BLOCK_ELEMENTS = 2**22
 #: MinSR keeps X in float64 when that takes at most this much (else float32 X, float64 blocks).
 FLOAT64_ROWS_BYTES = 2**27
 #: Keys of `StepResult.info` (the history columns the rules add).
-INFO_KEYS = ("diag_shift", "update_norm", "effective_rank", "solve_time")
+INFO_KEYS = ("diag_shift", "update_norm", "effective_rank", "solve_time", "fidelity", "step_scale")
 
 
 def solve_shifted(
@@ -159,6 +164,9 @@ class NaturalGradientRule(UpdateRule):
         spring: SPRING momentum μ (0: off).
         solver: cholesky | eigh.
         grad_clip: clip ‖δθ‖ to this value, or None.
+        max_infidelity: trust region: a step whose estimated infidelity 1 − |⟨Ψ|Ψ'⟩|² with the
+            state before it exceeds this is halved until it does not
+            (`naqs_cli.trust_region`); None: every step is taken whole.
     """
 
     name = "natural"
@@ -175,6 +183,7 @@ class NaturalGradientRule(UpdateRule):
         spring: float = 0.0,
         solver: str = "cholesky",
         grad_clip: float | None = None,
+        max_infidelity: float | None = None,
     ) -> None:
         self.params = list(params)
         self.n_params = sum(p.numel() for p in self.params)
@@ -186,6 +195,7 @@ class NaturalGradientRule(UpdateRule):
         self.spring = float(spring)
         self.solver = solver
         self.grad_clip = grad_clip
+        self.max_infidelity = max_infidelity
         self.previous: Tensor | None = None  # the last δθ (SPRING)
 
     @property
@@ -243,12 +253,12 @@ class NaturalGradientRule(UpdateRule):
             return StepResult(e_loc, norm, False, True, info=info)
         if self.grad_clip is not None and update_norm > self.grad_clip:
             direction = direction * (self.grad_clip / update_norm)
-        with torch.no_grad():
-            parts = direction.split([p.numel() for p in self.params])
-            for p, part in zip(self.params, parts, strict=True):
-                p.sub_((self._lr * part).view_as(p).to(p.dtype))
+        scale, fidelity = trust_region.move(
+            state, batch, self.params, direction, self._lr, self.max_infidelity
+        )
+        info.update(fidelity=fidelity, step_scale=scale)
         if self.spring > 0:
-            self.previous = direction
+            self.previous = direction if scale == 1.0 else direction * scale
         return StepResult(e_loc, norm, True, info=info)
 
     def linear_system(

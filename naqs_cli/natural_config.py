@@ -56,6 +56,8 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
         if optim.diag_shift == 0:
             _refuse("optim.diag_shift_final", optim.diag_shift_final, "needs optim.diag_shift > 0")
     _number("optim.spring", optim.spring, 0.0, 0.999)
+    if optim.max_infidelity is not None:
+        _number("optim.max_infidelity", optim.max_infidelity, 0.0, 1.0, closed=False)
     lattice = build_lattice(cfg)
     n_sites = lattice.n_sites
     if (

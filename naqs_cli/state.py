@@ -90,6 +90,12 @@ class VariationalState:
         weights = batch.orbits.counts.to(torch.float64) / self.n_total(batch)
         return Samples(x=batch.x[first], weights=weights), values[first]
 
+    def log_psi(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ln Ψ(x) (B,) complex128 at the current parameters, `chunk_size` at a time."""
+        with torch.no_grad():
+            chunks = [self.model.log_psi(c).to(torch.complex128) for c in x.split(self.chunk_size)]
+        return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.complex128)
+
     def local_energy(self, batch: Samples) -> vmc.LocalEnergy:
         """Return the local energies of a batch (also of one rank's share of a full basis)."""
         return vmc.batch_local_energy(self.model, self.hamiltonian, batch, self.chunk_size)

@@ -310,6 +310,51 @@ def test_grad_clip_limits_the_norm_of_the_update_direction():
     _assert_close(_step_direction(clipped, state, batch, e_loc), 0.5 * free)
 
 
+def _state_vector(state: VariationalState) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.exp(state.model.log_psi(enumerate_basis(state.hamiltonian.n_sites)))
+
+
+@pytest.mark.parametrize("rule_class", [natural.SR, natural.MinSR])
+def test_trust_region_halves_a_step_until_the_exact_fidelity_holds(rule_class):
+    state = _full_sum_state(2, "pixelcnn", "tfim")
+    params = state.parameters()
+    batch = state.sample(0)
+    e_loc = state.local_energy(batch)
+    plain = rule_class(params)
+    direction = _step_direction(plain, state, batch, e_loc)
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    psi = _state_vector(state)
+    lr, limit = 2.0, 0.1  # fidelity 6e-5 at lr 1, 0.84 at 0.1: a few halvings
+    rule = rule_class(params, lr=lr, spring=0.5, max_infidelity=limit)
+    result = rule.step(state, batch, e_loc)
+    scale, fidelity = result.info["step_scale"], result.info["fidelity"]
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    _assert_close(before - after, scale * lr * direction)
+    exact = float(torch.vdot(psi, _state_vector(state)).abs().square())
+    assert abs(fidelity - exact) < 1e-12  # a full sum: the estimate is exact
+    assert fidelity >= 1 - limit and scale < 1 and math.log2(scale).is_integer()
+    _assert_close(rule.previous, scale * direction)  # SPRING continues from the step taken
+    # the step twice as long (the last one refused) was outside the region
+    with torch.no_grad():
+        for p, part in zip(
+            params,
+            (before - 2 * scale * lr * direction).split([p.numel() for p in params]),
+            strict=True,
+        ):
+            p.copy_(part.view_as(p))
+    assert float(torch.vdot(psi, _state_vector(state)).abs().square()) < 1 - limit
+
+
+def test_without_a_trust_region_the_whole_step_is_taken():
+    state = _full_sum_state(2, "dense", "tfim")
+    batch = state.sample(0)
+    result = natural.MinSR(state.parameters(), lr=40.0).step(
+        state, batch, state.local_energy(batch)
+    )
+    assert result.info["step_scale"] == 1.0 and math.isnan(result.info["fidelity"])
+
+
 def test_spring_trajectories_of_sr_and_minsr_agree():
     final = {}
     for rule_class in (natural.SR, natural.MinSR):
@@ -371,6 +416,8 @@ def test_sampled_geometry_converges_to_the_full_sum():
         (["optim=minsr", "optim.solver=lu"], "optim.solver=lu: allowed: cholesky | eigh"),
         (["optim=minsr", "optim.diag_shift_final=0"], "optim.diag_shift_final=0.0: must be"),
         (["optim=sr", "model.channels=4", "optim.max_params=0"], "optim.max_params=0: must"),
+        (["optim=minsr", "optim.max_infidelity=0"], "optim.max_infidelity=0.0: must be a finite"),
+        (["optim=minsr", "optim.max_infidelity=1.5"], "optim.max_infidelity=1.5: must be"),
     ],
 )
 def test_bad_natural_gradient_options_are_refused_in_one_line(overrides, message):

@@ -93,7 +93,8 @@ class HistoryRows(Callback):
     watched for a collapse: a gradient of exactly 0 for `COLLAPSE_STEPS` steps in a row means
     every sample is one configuration (Var E_loc = 0 on the samples); an autoregressive state
     that put all its weight on one product state draws nothing else and cannot leave it (seen
-    after a first natural-gradient step with a small shift). The run warns once and goes on.
+    after a first natural-gradient step with a small shift, before the trust region
+    `optim.max_infidelity` existed). The run warns once and goes on.
     """
 
     def __init__(self) -> None:
@@ -159,7 +160,8 @@ class HistoryRows(Callback):
                     "steps %d-%d: the gradient was exactly 0 in each: every sample is the same"
                     " configuration, so the state sits on one product state and cannot leave"
                     " it; unless that is the ground state (e.g. the TFIM at gamma=0), rerun"
-                    " with a smaller optim.lr or a larger optim.diag_shift",
+                    " with a smaller optim.lr or optim.max_infidelity (natural gradient's trust"
+                    " region), or a larger optim.diag_shift",
                     step - COLLAPSE_STEPS + 1,
                     step,
                 )
