@@ -225,7 +225,8 @@ class NaturalGradientRule(UpdateRule):
         """Run one natural-gradient step (same skipping rules as `FirstOrderRule.step`).
 
         Reads the device twice: the finiteness of Ē and g (with `pending_check`) before the
-        solve, then the finiteness and norm of δθ.
+        solve, then the finiteness and norm of δθ; with a trust region also the fidelity of
+        each step tried.
         """
         system = self.linear_system(state, batch, e_loc)
         flags = [torch.isfinite(system.e_mean), torch.linalg.vector_norm(system.gradient)]

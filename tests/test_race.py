@@ -58,7 +58,7 @@ def test_each_side_gets_its_evaluation_arguments(monkeypatch):
     args = SimpleNamespace(cpus="0,1", threads=2)
     race.run_one(race.CASES["tfim6x6"], "naqs_minsr", "naqs", {}, 0, args)
     race.run_one(race.CASES["tfim6x6"], "rbm_sr", "netket", {}, 0, args)
-    assert seen["naqs"][-2:] == ["--eval-samples", "131072"]
+    assert seen["naqs"][-2:] == ["--eval-samples", "65536"]
     assert seen["netket"][-2:] == ["--eval-rounds", "8"]
     race.run_one(race.CASES["tfim4x4"], "naqs_minsr", "naqs", {}, 0, args)
     race.run_one(race.CASES["tfim4x4"], "rbm_sr", "netket", {}, 0, args)
@@ -173,3 +173,15 @@ def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == "race.py: error: --cases: unknown tfim9x9; choose from tfim4x4,tfim6x6,heis4x4"
+
+
+def test_contenders_left_out_of_a_case_are_not_run_and_are_named_in_the_report():
+    labels = [label for label, _, _ in race.contenders("minsr", {}, "tfim6x6")]
+    assert labels == ["naqs_minsr", "rbm_sr"]
+    labels = [label for label, _, _ in race.contenders("minsr", {}, "tfim4x4")]
+    assert labels == ["naqs_minsr", "rbm_sr", "arnn_adam", "arnn_sr"]
+    runs = fake_runs("naqs_minsr", [3e-6], [0.1e-6]) + fake_runs("rbm_sr", [4e-6], [0.1e-6])
+    summary = race.summarize_case(race.CASES["tfim6x6"], runs, "naqs_minsr")
+    meta = {"date": "d", "cpu": "c", "threads": 2, "cpus": "0,1", "load_before": "1"}
+    text = race.markdown([summary], {**meta, "load_after": "1", "versions": "v"})
+    assert "Not raced on this case: arnn_adam, arnn_sr (" in text
