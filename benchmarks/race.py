@@ -107,12 +107,12 @@ CASES = {
 NETKET_CONTENDERS = ("rbm_sr", "arnn_adam", "arnn_sr")
 #: NetKet contenders left out of a case, with the reason the report prints. On TFIM 6×6 the
 #: autoregressive networks would take ~45 of the race's minutes for contenders that are
-#: 200–1,000× behind NetKet's RBM on TFIM 4×4 (median 2.5e-4 with VMC_SR, 6.5e-4 with Adam,
-#: against 5.5e-7) and 15× behind it on Heisenberg 4×4: the RBM is NetKet's best contender.
+#: 700–1,200× behind NetKet's RBM on TFIM 4×4 (race of 2026-12-05 22:11: medians 2.3e-4 with
+#: VMC_SR, 4.1e-4 with Adam, against 3.3e-7) and 15–18× behind it on Heisenberg 4×4.
 NOT_RACED = {
     "tfim6x6": (
         ("arnn_adam", "arnn_sr"),
-        "200-1,000x behind NetKet's RBM on tfim4x4 and 15x on heis4x4 (race.py NOT_RACED)",
+        "700-1,200x behind NetKet's RBM on tfim4x4 and 15-18x on heis4x4 (race.py NOT_RACED)",
     ),
 }
 #: Untuned starting points (NetKet's documented VMC_SR defaults; naqs's config defaults).
@@ -183,8 +183,9 @@ CASE_DEFAULT_HYPER = {
 #: Extra worker arguments for evaluating the final states of a case (36 sites: sampled). The
 #: race's verdict needs the ratio of medians to ±25 %, and each side's error bar falls only as
 #: 1/√samples. naqs draws the 65,536 i.i.d. samples asked for: its D4 × Z2-averaged state
-#: costs 16 network passes per amplitude, 6.7 min per final state on 2 cores (2^17 samples
-#: took 13 min each, 20 min over the race's 90). NetKet's Markov chains give 8 rounds of 65,536.
+#: costs 16 network passes per amplitude, ~4.5 min per final state on 2 cores; 2^17 samples
+#: would take the race past 90 min, and 98,304 still left the verdict a tie (README).
+#: NetKet's Markov chains give 8 rounds of 65,536.
 EVALUATION = {
     "tfim6x6": {"naqs": ["--eval-samples", "65536"], "netket": ["--eval-rounds", "8"]},
 }
@@ -442,10 +443,9 @@ def markdown(summaries: list[dict], meta: dict) -> str:
         f" {meta['versions']}.",
         "",
         "Relative error (E − E0)/|E0| of the final state (16 sites: exact; 36 sites: sampled,"
-        " naqs 65,536 i.i.d. samples (131,072 in the runs of 2026-12-05 12:00-22:00), NetKet"
-        " 8 rounds of 65,536 with τ-corrected errors (one before 12:00)), median over seeds,"
-        " worst case (a diverged run, NaN, counts as the worst), V-score = N·Var(E)/E²"
-        " (median seed).",
+        " naqs 65,536 i.i.d. samples, NetKet 8 rounds of 65,536 with τ-corrected errors),"
+        " median over seeds, worst case (a diverged run, NaN, counts as the worst),"
+        " V-score = N·Var(E)/E² (median seed).",
         "",
     ]
     for s in summaries:
