@@ -93,8 +93,7 @@ class VariationalState:
     def log_psi(self, x: torch.Tensor) -> torch.Tensor:
         """Return ln Ψ(x) (B,) complex128 at the current parameters, `chunk_size` at a time."""
         with torch.no_grad():
-            chunks = [self.model.log_psi(c).to(torch.complex128) for c in x.split(self.chunk_size)]
-        return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.complex128)
+            return vmc._log_psi_chunked(self.model, x, self.chunk_size).to(torch.complex128)
 
     def local_energy(self, batch: Samples) -> vmc.LocalEnergy:
         """Return the local energies of a batch (also of one rank's share of a full basis)."""

@@ -78,19 +78,14 @@ def move(
 
 
 def overlap_rows(state: VariationalState, batch: Samples) -> tuple[Tensor, Tensor, Tensor]:
-    """Return (x, ln Ψ(x), w(x)) of this rank's rows: one per orbit (weight count/N_total),
-    else one per sample (1/N_total, or the full sum's |Ψ|²)."""
-    x, log_psi = batch.x, batch.log_psi
-    if log_psi is None:
-        log_psi = state.log_psi(x)
-    if batch.orbits is not None:
-        first = batch.orbits.first
-        weights = batch.orbits.counts.to(torch.float64) / state.n_total(batch)
-        return x[first], log_psi[first], weights
-    if batch.weights is not None:
-        return x, log_psi, batch.weights.to(torch.float64)
-    n_total = batch.n_samples * distributed.world_size()
-    return x, log_psi, torch.full_like(log_psi.real, 1.0 / n_total, dtype=torch.float64)
+    """Return (x, ln Ψ(x), w(x)) of this rank's rows: the step's own rows and weights
+    (`VariationalState.per_orbit`: one per orbit, else per sample; a full sum's |Ψ|²)."""
+    log_psi = batch.log_psi if batch.log_psi is not None else state.log_psi(batch.x)
+    rows, log_psi = state.per_orbit(batch, log_psi)
+    if rows.weights is not None:
+        return rows.x, log_psi, rows.weights.to(torch.float64)
+    n_total = state.n_total(rows)
+    return rows.x, log_psi, torch.full_like(log_psi.real, 1.0 / n_total, dtype=torch.float64)
 
 
 def estimate_fidelity(
