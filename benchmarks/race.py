@@ -23,7 +23,7 @@ Contenders: naqs — the PixelCNN with exact direct sampling and the update rule
 NetKet — RBM α=1 + Metropolis + `VMC_SR`, FastARNNConv2D 4×16 + direct sampling with Adam and
 with `VMC_SR` (see the workers' docstrings). Every final state is evaluated with an honest
 error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected); on
-tfim6x6 naqs draws 65,536 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`).
+tfim6x6 naqs draws 114,688 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`).
 
 Output: `benchmarks/results/race.{json,md}`, `race_<case>.png` (relative error of each step's
 energy estimate against wall time, every contender, seed 0) and the last line
@@ -182,17 +182,46 @@ CASE_DEFAULT_HYPER = {
 }
 #: Extra worker arguments for evaluating the final states of a case (36 sites: sampled). The
 #: race's verdict needs the ratio of medians to ±25 %, and each side's error bar falls only as
-#: 1/√samples. naqs draws the 65,536 i.i.d. samples asked for: its D4 × Z2-averaged state
-#: costs 16 network passes per amplitude, ~4.5 min per final state on 2 cores; 2^17 samples
-#: would take the race past 90 min, and 98,304 still left the verdict a tie (README).
-#: NetKet's Markov chains give 8 rounds of 65,536.
+#: 1/√samples. A state's energy variance shrinks with its error (σ² ≈ ω·ΔE, ω ≈ 13 here), so
+#: the relative error bar of a better state is larger: sqrt(ω / (ΔE · N)). At naqs's
+#: 2.6e-5 (ΔE ≈ 3e-3) 65,536 samples gave ±26 % (a tie at 0.58, race of 2026-12-05);
+#: 114,688 = 7 · 2^14 give ±20 %. Its D4 × Z2-averaged state costs 16 network passes per
+#: amplitude (~4.5 min per 65,536 on 2 cores): 2^17 would take the race past 90 min.
+#: NetKet's Markov chains give 8 rounds of 65,536 (±8 % on its RBM).
 EVALUATION = {
-    "tfim6x6": {"naqs": ["--eval-samples", "65536"], "netket": ["--eval-rounds", "8"]},
+    "tfim6x6": {"naqs": ["--eval-samples", "114688"], "netket": ["--eval-rounds", "8"]},
 }
 #: The tuning grid: the same number of trials (8) for every contender.
 SR_GRID = {"lr": (0.02, 0.05), "diag_shift": (1e-4, 1e-3), "spring": (0.0, 0.8)}
 ADAM_GRID = {"lr": (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)}
 TUNE_SEEDS = (100, 101)
+#: Cases tuned on fewer seeds, and with a cheaper evaluation, so that `make race-tune` of a
+#: case fits in about 80 minutes: tfim6x6 trains 240 s per trial (16 trials on one seed,
+#: ~35 min per side with its evaluations). Both sides alike: the same seed, the same
+#: number of trials, evaluations with about twice the race's error bars (naqs 16,384
+#: samples, NetKet 2 rounds of 65,536).
+CASE_TUNE_SEEDS = {"tfim6x6": (100,)}
+TUNE_EVALUATION = {
+    "tfim6x6": {"naqs": ["--eval-samples", "16384"], "netket": ["--eval-rounds", "2"]},
+}
+
+
+def evaluation_text(case: Case) -> str:
+    """How a case's final states are evaluated, for the report."""
+    if case.n_sites <= 16:
+        return "exact full sums"
+    own = EVALUATION.get(case.name, {})
+    naqs = dict(zip(own.get("naqs", [])[::2], own.get("naqs", [])[1::2], strict=True))
+    netket = dict(zip(own.get("netket", [])[::2], own.get("netket", [])[1::2], strict=True))
+    return (
+        f"naqs {int(naqs.get('--eval-samples', 65536)):,} i.i.d. samples, NetKet"
+        f" {netket.get('--eval-rounds', '1')} rounds of 65,536 Markov-chain samples"
+    )
+
+
+def tune_seeds(case: str) -> tuple[int, ...]:
+    """The seeds `make race-tune` trains each trial of a case on."""
+    return CASE_TUNE_SEEDS.get(case, TUNE_SEEDS)
 
 
 def worker_environment(threads: int) -> dict[str, str]:
@@ -253,8 +282,12 @@ def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, 
     return out
 
 
-def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> dict:
-    """Train and evaluate one contender once; add the relative error and V-score."""
+def run_one(
+    case: Case, label: str, side: str, hyper: dict, seed: int, args, evaluation: dict | None = None
+) -> dict:
+    """Train and evaluate one contender once; add the relative error and V-score.
+
+    `evaluation` replaces `EVALUATION` (the tuning's cheaper evaluations)."""
     common = ["--case", case.name, "--budget", str(case.budget), "--seed", str(seed)]
     common += ["--cpus", args.cpus]
     if side == "naqs":
@@ -262,7 +295,7 @@ def run_one(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> 
         arguments += ["--threads", str(args.threads)]
     else:
         arguments = [*common, "--contender", label, *netket_arguments(hyper)]
-    arguments += EVALUATION.get(case.name, {}).get(side, [])
+    arguments += (EVALUATION if evaluation is None else evaluation).get(case.name, {}).get(side, [])
     timeout = case.budget * 3 + 1800
     result = run_worker(side, arguments, worker_environment(args.threads), timeout)
     result.update(label=label, seed=seed, case=case.name, hyper=hyper)
@@ -443,7 +476,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
         f" {meta['versions']}.",
         "",
         "Relative error (E − E0)/|E0| of the final state (16 sites: exact; 36 sites: sampled,"
-        " naqs 65,536 i.i.d. samples, NetKet 8 rounds of 65,536 with τ-corrected errors),"
+        " as each case says, NetKet's errors τ-corrected),"
         " median over seeds, worst case (a diverged run, NaN, counts as the worst),"
         " V-score = N·Var(E)/E² (median seed).",
         "",
@@ -455,6 +488,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             "",
             f"Raced {own['date']}, load before {own['load_before']}, after"
             f" {own.get('load_after', '?')}; hyperparameters: {s.get('tuned', own.get('tuned'))}."
+            + (f" Final states: {s['evaluation']}." if s.get("evaluation") else "")
             + (f" The case took {s['duration_s'] / 60:.0f} min." if "duration_s" in s else "")
             + (
                 f" Runs kept (not rerun): {own['kept'][s['case']]}."
@@ -510,7 +544,10 @@ def tune(args, cases: list[Case]) -> None:
             grid = ADAM_GRID if label.endswith("adam") else SR_GRID
             for values in itertools.product(*grid.values()):
                 hyper = {**base, **dict(zip(grid, values, strict=True))}  # model keys kept
-                runs = [run_one(case, label, side, hyper, s, args) for s in TUNE_SEEDS]
+                runs = [
+                    run_one(case, label, side, hyper, s, args, TUNE_EVALUATION)
+                    for s in tune_seeds(case.name)
+                ]
                 errors = [_error_key(r) if "relative_error" in r else math.inf for r in runs]
                 score = statistics.median(errors)
                 if score < best.get(label, (math.inf, {}))[0]:
@@ -535,7 +572,7 @@ def rebuild_report(out: Path, naqs_label: str) -> int:
         if not runs:
             continue
         summary = summarize_case(case, runs, naqs_label)
-        for key in ("meta", "tuned", "duration_s"):
+        for key in ("meta", "tuned", "evaluation", "duration_s"):
             if key in old.get(name, {}):
                 summary[key] = old[name][key]
         summaries.append(summary)
@@ -552,7 +589,7 @@ def tuning_note(tuned: dict, case: str) -> str:
     labels = list(tuned.get(case, {}))
     if not labels:
         return f"no race-tune run for this case: {defaults}"
-    seeds = ", ".join(str(s) for s in TUNE_SEEDS)
+    seeds = ", ".join(str(s) for s in tune_seeds(case))
     return (
         f"{', '.join(labels)} from `make race-tune` ({TUNED.name}: the same grid of"
         f" {math.prod(len(v) for v in SR_GRID.values())} trials each, seeds {seeds});"
@@ -657,6 +694,7 @@ def main() -> int:
             runs += kept
         summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
         summaries[-1]["tuned"] = tuning_note(tuned, case.name)
+        summaries[-1]["evaluation"] = evaluation_text(case)
         summaries[-1]["duration_s"] = time.perf_counter() - case_start
         print(f"  {case.name}: {summaries[-1]['duration_s'] / 60:.1f} min", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)

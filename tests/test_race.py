@@ -58,7 +58,7 @@ def test_each_side_gets_its_evaluation_arguments(monkeypatch):
     args = SimpleNamespace(cpus="0,1", threads=2)
     race.run_one(race.CASES["tfim6x6"], "naqs_minsr", "naqs", {}, 0, args)
     race.run_one(race.CASES["tfim6x6"], "rbm_sr", "netket", {}, 0, args)
-    assert seen["naqs"][-2:] == ["--eval-samples", "65536"]
+    assert seen["naqs"][-2:] == ["--eval-samples", "114688"]
     assert seen["netket"][-2:] == ["--eval-rounds", "8"]
     race.run_one(race.CASES["tfim4x4"], "naqs_minsr", "naqs", {}, 0, args)
     race.run_one(race.CASES["tfim4x4"], "rbm_sr", "netket", {}, 0, args)
@@ -72,7 +72,7 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
     monkeypatch.setattr(race, "TUNED", tuned_path)
     calls = []
 
-    def fake_run_one(case, label, side, hyper, seed, args):
+    def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
         calls.append(label)
         # The best trial: lr 0.05, shift 1e-4, SPRING 0.8 (errors are smallest there).
         error = 1.0 + (hyper["lr"] != 0.05) + (hyper["diag_shift"] != 1e-4) + (hyper["spring"] == 0)
@@ -97,7 +97,7 @@ def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path
     monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
     monkeypatch.setattr(race, "TUNE_SEEDS", (100, 101, 102))
 
-    def fake_run_one(case, label, side, hyper, seed, args):
+    def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
         # The first grid point: one seed diverged (NaN), the others 1e-9 and 5e-9, so its
         # median is 5e-9 (NaN sorts last); every other point gives 3e-9 on every seed.
         if (hyper["lr"], hyper["diag_shift"], hyper["spring"]) == (0.02, 1e-4, 0.0):
@@ -105,9 +105,36 @@ def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path
         return {"relative_error": 3e-9}
 
     monkeypatch.setattr(race, "run_one", fake_run_one)
-    race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim6x6"]])
-    tuned = json.loads((tmp_path / "race_tuned.json").read_text())["tfim6x6"]["rbm_sr"]
+    race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim4x4"]])
+    tuned = json.loads((tmp_path / "race_tuned.json").read_text())["tfim4x4"]["rbm_sr"]
     assert (tuned["lr"], tuned["diag_shift"], tuned["spring"]) != (0.02, 1e-4, 0.0)
+
+
+def test_tfim6x6_is_tuned_on_one_seed_with_cheaper_evaluations(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    seen = []
+
+    def fake_worker(side, arguments, env, timeout):
+        seen.append((side, arguments))
+        return {"failed": "not run"}
+
+    monkeypatch.setattr(race, "run_worker", fake_worker)
+    args = SimpleNamespace(naqs_optim="minsr", only="naqs_minsr,rbm_sr", cpus="0,1", threads=2)
+    race.tune(args, [race.CASES["tfim6x6"]])
+    assert len(seen) == 2 * 8  # both sides: the same 8 trials, one seed each
+    assert {a[a.index("--seed") + 1] for _, a in seen} == {"100"}
+    for side, arguments in seen:
+        expected = race.TUNE_EVALUATION["tfim6x6"][side]
+        assert arguments[-2:] == expected != race.EVALUATION["tfim6x6"][side]
+    assert race.tune_seeds("tfim4x4") == race.TUNE_SEEDS
+    note = race.tuning_note({"tfim6x6": {"rbm_sr": {}}}, "tfim6x6")
+    assert "seeds 100)" in note
+
+
+def test_the_report_says_how_final_states_were_evaluated():
+    text = race.evaluation_text(race.CASES["tfim6x6"])
+    assert text == "naqs 114,688 i.i.d. samples, NetKet 8 rounds of 65,536 Markov-chain samples"
+    assert race.evaluation_text(race.CASES["heis4x4"]) == "exact full sums"
 
 
 def test_netket_shift_falls_geometrically_over_the_budget(monkeypatch):
