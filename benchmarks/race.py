@@ -59,6 +59,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_DIR = HERE / "results"
 TUNED = RESULTS_DIR / "race_tuned.json"
+#: Every finished tuning trial, so an interrupted `make race-tune` resumes where it stopped.
+TRIALS = RESULTS_DIR / "race_tune_trials.json"
 NETKET_PYTHON = HERE / "netket_venv" / "bin" / "python"
 NAQS_PYTHON = Path(sys.executable)
 WORKERS = {"naqs": HERE / "race_worker_naqs.py", "netket": HERE / "race_worker_netket.py"}
@@ -308,7 +310,8 @@ def run_one(
     error = final["energy_err"] * (case.n_sites if side == "naqs" else 1.0)
     result["relative_error"] = (total - reference) / abs(reference)
     result["relative_error_err"] = error / abs(reference)
-    result["v_score"] = case.n_sites * final["variance"] / total**2
+    # A state with zero energy (a NetKet RBM that diverged to E = 0) has no V-score.
+    result["v_score"] = case.n_sites * final["variance"] / total**2 if total else math.nan
     result["trace_relative"] = [
         [t, (e - reference) / abs(reference)] for t, e in result.pop("trace")
     ]
@@ -545,8 +548,7 @@ def tune(args, cases: list[Case]) -> None:
             for values in itertools.product(*grid.values()):
                 hyper = {**base, **dict(zip(grid, values, strict=True))}  # model keys kept
                 runs = [
-                    run_one(case, label, side, hyper, s, args, TUNE_EVALUATION)
-                    for s in tune_seeds(case.name)
+                    _tuning_trial(case, label, side, hyper, s, args) for s in tune_seeds(case.name)
                 ]
                 errors = [_error_key(r) if "relative_error" in r else math.inf for r in runs]
                 score = statistics.median(errors)
@@ -559,6 +561,31 @@ def tune(args, cases: list[Case]) -> None:
         print(f"tuned {case.name}: {tuned[case.name]}", flush=True)
         TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
     del naqs_label
+
+
+def _trial_key(case: str, label: str, hyper: dict, seed: int) -> str:
+    return json.dumps([case, label, hyper, seed], sort_keys=True)
+
+
+def _tuning_trial(case: Case, label: str, side: str, hyper: dict, seed: int, args) -> dict:
+    """One tuning run, or its result from `TRIALS` if an earlier `make race-tune` finished it.
+
+    Each finished trial is written to `TRIALS` at once (temp file + rename), so a crash or a
+    kill loses at most the trial in progress."""
+    trials = json.loads(TRIALS.read_text()) if TRIALS.exists() else {}
+    key = _trial_key(case.name, label, hyper, seed)
+    if key in trials:
+        result = trials[key]
+        print(f"  {case.name} {label} seed {seed}: from {TRIALS.name}: {result}", flush=True)
+        return result
+    result = run_one(case, label, side, hyper, seed, args, TUNE_EVALUATION)
+    kept = {k: result[k] for k in ("relative_error", "relative_error_err", "failed") if k in result}
+    trials[key] = kept
+    TRIALS.parent.mkdir(parents=True, exist_ok=True)
+    temporary = TRIALS.with_suffix(".tmp")
+    temporary.write_text(json.dumps(trials, indent=1) + "\n")
+    temporary.replace(TRIALS)
+    return kept
 
 
 def rebuild_report(out: Path, naqs_label: str) -> int:
@@ -592,9 +619,15 @@ def tuning_note(tuned: dict, case: str) -> str:
     seeds = ", ".join(str(s) for s in tune_seeds(case))
     return (
         f"{', '.join(labels)} from `make race-tune` ({TUNED.name}: the same grid of"
-        f" {math.prod(len(v) for v in SR_GRID.values())} trials each, seeds {seeds});"
-        f" the others: {defaults}"
+        f" {math.prod(len(v) for v in SR_GRID.values())} trials each, seeds {seeds}"
+        + (f", evaluated with {_tuning_evaluation_text(case)}" if case in TUNE_EVALUATION else "")
+        + f"); the others: {defaults}"
     )
+
+
+def _tuning_evaluation_text(case: str) -> str:
+    own = TUNE_EVALUATION[case]
+    return f"naqs {int(own['naqs'][1]):,} samples, NetKet {own['netket'][1]} rounds of 65,536"
 
 
 def merge_previous(path: Path, summaries: list[dict], runs: list[dict]):

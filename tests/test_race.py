@@ -70,6 +70,7 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
     tuned_path = tmp_path / "race_tuned.json"
     tuned_path.write_text(json.dumps({"tfim4x4": {"arnn_adam": {"lr": 0.005}}}))
     monkeypatch.setattr(race, "TUNED", tuned_path)
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
     calls = []
 
     def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
@@ -95,6 +96,7 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
 
 def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path):
     monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
     monkeypatch.setattr(race, "TUNE_SEEDS", (100, 101, 102))
 
     def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
@@ -112,6 +114,7 @@ def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path
 
 def test_tfim6x6_is_tuned_on_one_seed_with_cheaper_evaluations(monkeypatch, tmp_path):
     monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
     seen = []
 
     def fake_worker(side, arguments, env, timeout):
@@ -128,7 +131,42 @@ def test_tfim6x6_is_tuned_on_one_seed_with_cheaper_evaluations(monkeypatch, tmp_
         assert arguments[-2:] == expected != race.EVALUATION["tfim6x6"][side]
     assert race.tune_seeds("tfim4x4") == race.TUNE_SEEDS
     note = race.tuning_note({"tfim6x6": {"rbm_sr": {}}}, "tfim6x6")
-    assert "seeds 100)" in note
+    assert "seeds 100, evaluated with naqs 16,384 samples, NetKet 2 rounds of 65,536)" in note
+
+
+def test_an_interrupted_tuning_resumes_from_its_finished_trials(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
+    calls, crash = [], [True]
+
+    def crashing_run_one(case, label, side, hyper, seed, args, evaluation=None):
+        if len(calls) == 5 and crash and crash.pop():
+            raise RuntimeError("killed")
+        calls.append((hyper["lr"], hyper["diag_shift"], hyper["spring"], seed))
+        return {"relative_error": hyper["lr"] * hyper["diag_shift"] * (1 + hyper["spring"])}
+
+    monkeypatch.setattr(race, "run_one", crashing_run_one)
+    args = SimpleNamespace(naqs_optim="minsr", only="rbm_sr")
+    with pytest.raises(RuntimeError):
+        race.tune(args, [race.CASES["tfim4x4"]])
+    assert len(json.loads((tmp_path / "trials.json").read_text())) == 5
+    done = list(calls)
+    race.tune(args, [race.CASES["tfim4x4"]])
+    assert len(calls) == 8 * len(race.TUNE_SEEDS)  # the 5 finished trials were not rerun
+    assert calls[:5] == done and len(set(calls)) == len(calls)
+    tuned = json.loads((tmp_path / "race_tuned.json").read_text())["tfim4x4"]["rbm_sr"]
+    assert (tuned["lr"], tuned["diag_shift"], tuned["spring"]) == (0.02, 1e-4, 0.0)
+
+
+def test_a_state_with_zero_energy_has_no_v_score(monkeypatch):
+    final = {"energy": 0.0, "energy_err": 0.0, "variance": 0.0, "exact": False}
+    monkeypatch.setattr(
+        race, "run_worker", lambda *a: {"final": final, "trace": [], "steps": 3, "compile_s": 0}
+    )
+    args = SimpleNamespace(cpus="0,1", threads=2)
+    result = race.run_one(race.CASES["tfim6x6"], "rbm_sr", "netket", {}, 0, args)
+    assert result["relative_error"] == pytest.approx(1.0)
+    assert math.isnan(result["v_score"])
 
 
 def test_the_report_says_how_final_states_were_evaluated():
