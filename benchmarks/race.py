@@ -572,7 +572,12 @@ def _tuning_trial(case: Case, label: str, side: str, hyper: dict, seed: int, arg
 
     Each finished trial is written to `TRIALS` at once (temp file + rename), so a crash or a
     kill loses at most the trial in progress."""
-    trials = json.loads(TRIALS.read_text()) if TRIALS.exists() else {}
+    try:
+        trials = json.loads(TRIALS.read_text()) if TRIALS.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(
+            f"race.py: error: {TRIALS} is not readable JSON ({exc}); move it away to tune afresh"
+        ) from None
     key = _trial_key(case.name, label, hyper, seed)
     if key in trials:
         result = trials[key]

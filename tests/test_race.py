@@ -158,6 +158,15 @@ def test_an_interrupted_tuning_resumes_from_its_finished_trials(monkeypatch, tmp
     assert (tuned["lr"], tuned["diag_shift"], tuned["spring"]) == (0.02, 1e-4, 0.0)
 
 
+def test_a_damaged_trials_file_is_one_error_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
+    (tmp_path / "trials.json").write_text('{"half')
+    monkeypatch.setattr(race, "run_one", lambda *a: pytest.fail("must not train"))
+    with pytest.raises(SystemExit, match="trials.json is not readable JSON .*move it away"):
+        race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim4x4"]])
+
+
 def test_a_state_with_zero_energy_has_no_v_score(monkeypatch):
     final = {"energy": 0.0, "energy_err": 0.0, "variance": 0.0, "exact": False}
     monkeypatch.setattr(
