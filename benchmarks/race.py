@@ -198,10 +198,11 @@ SR_GRID = {"lr": (0.02, 0.05), "diag_shift": (1e-4, 1e-3), "spring": (0.0, 0.8)}
 ADAM_GRID = {"lr": (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)}
 TUNE_SEEDS = (100, 101)
 #: Cases tuned on fewer seeds, and with a cheaper evaluation, so that `make race-tune` of a
-#: case fits in about 80 minutes: tfim6x6 trains 240 s per trial (16 trials on one seed,
-#: ~35 min per side with its evaluations). Both sides alike: the same seed, the same
-#: number of trials, evaluations with about twice the race's error bars (naqs 16,384
-#: samples, NetKet 2 rounds of 65,536).
+#: case fits in about 85 minutes: tfim6x6 trains 240 s per trial (8 trials per side on one
+#: seed; measured 2026-12-06: naqs 47 min, NetKet 37 min with evaluations). Both sides alike:
+#: the same seed, the same number of trials, evaluations with about twice the race's error
+#: bars (naqs 16,384 samples, NetKet 2 rounds of 65,536). One seed proved too few: it picked
+#: a shift that failed on two of three race seeds (README, race of 2026-12-06).
 CASE_TUNE_SEEDS = {"tfim6x6": (100,)}
 TUNE_EVALUATION = {
     "tfim6x6": {"naqs": ["--eval-samples", "16384"], "netket": ["--eval-rounds", "2"]},
