@@ -213,13 +213,16 @@ def evaluation_text(case: Case) -> str:
     """How a case's final states are evaluated, for the report."""
     if case.n_sites <= 16:
         return "exact full sums"
-    own = EVALUATION.get(case.name, {})
-    naqs = dict(zip(own.get("naqs", [])[::2], own.get("naqs", [])[1::2], strict=True))
-    netket = dict(zip(own.get("netket", [])[::2], own.get("netket", [])[1::2], strict=True))
-    return (
-        f"naqs {int(naqs.get('--eval-samples', 65536)):,} i.i.d. samples, NetKet"
-        f" {netket.get('--eval-rounds', '1')} rounds of 65,536 Markov-chain samples"
-    )
+    samples, rounds = _evaluation_counts(EVALUATION.get(case.name, {}))
+    return f"naqs {samples:,} i.i.d. samples, NetKet {rounds} rounds of 65,536 Markov-chain samples"
+
+
+def _evaluation_counts(arguments: dict) -> tuple[int, int]:
+    """(naqs samples, NetKet rounds) of a case's entry in `EVALUATION` / `TUNE_EVALUATION`."""
+    naqs, netket = arguments.get("naqs", []), arguments.get("netket", [])
+    naqs_flags = dict(zip(naqs[::2], naqs[1::2], strict=True))
+    netket_flags = dict(zip(netket[::2], netket[1::2], strict=True))
+    return int(naqs_flags.get("--eval-samples", 65536)), int(netket_flags.get("--eval-rounds", 1))
 
 
 def tune_seeds(case: str) -> tuple[int, ...]:
@@ -632,8 +635,8 @@ def tuning_note(tuned: dict, case: str) -> str:
 
 
 def _tuning_evaluation_text(case: str) -> str:
-    own = TUNE_EVALUATION[case]
-    return f"naqs {int(own['naqs'][1]):,} samples, NetKet {own['netket'][1]} rounds of 65,536"
+    samples, rounds = _evaluation_counts(TUNE_EVALUATION[case])
+    return f"naqs {samples:,} samples, NetKet {rounds} rounds of 65,536"
 
 
 def merge_previous(path: Path, summaries: list[dict], runs: list[dict]):
