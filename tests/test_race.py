@@ -259,3 +259,55 @@ def test_contenders_left_out_of_a_case_are_not_run_and_are_named_in_the_report()
     meta = {"date": "d", "cpu": "c", "threads": 2, "cpus": "0,1", "load_before": "1"}
     text = race.markdown([summary], {**meta, "load_after": "1", "versions": "v"})
     assert "Not raced on this case: arnn_adam, arnn_sr (" in text
+
+
+def _trial(error: float, bar: float, v_score: float, **hyper) -> tuple[dict, list[dict]]:
+    run = {"relative_error": error, "relative_error_err": bar, "v_score": v_score}
+    return hyper, [run]
+
+
+def test_tuning_ranks_exact_evaluations_by_energy_alone():
+    trials = [_trial(2e-6, 0.0, 1e-5, pick="low V"), _trial(1e-6, 0.0, 5e-5, pick="low E")]
+    assert race.pick_tuned(trials) == {"pick": "low E"}
+
+
+def test_tuning_breaks_a_statistical_tie_in_energy_by_the_v_score():
+    # The race-tune of tfim6x6 (seed 100, 2026-12-06), naqs's trials at lr 0.02:
+    # (shift, SPRING) -> rel. error ± bar, V-score. 1e-4/0.8 had the lowest sampled error
+    # and failed on two of three race seeds; its error is within 1σ of 1e-3/0.8's.
+    trials = [
+        _trial(7.337e-05, 1.4e-05, 1.21e-04, shift=1e-4, spring=0.0),
+        _trial(7.701e-06, 1.2e-05, 8.21e-05, shift=1e-4, spring=0.8),
+        _trial(9.177e-06, 1.3e-05, 1.04e-04, shift=1e-3, spring=0.0),
+        _trial(1.663e-05, 1.1e-05, 7.34e-05, shift=1e-3, spring=0.8),
+    ]
+    assert race.pick_tuned(trials) == {"shift": 1e-3, "spring": 0.8}
+    # A trial outside 2σ of the best is not a candidate, however low its V-score.
+    trials.append(_trial(7.0e-05, 1.0e-05, 1e-06, shift=1e-2, spring=0.0))
+    assert race.pick_tuned(trials) == {"shift": 1e-3, "spring": 0.8}
+    # Without V-scores (trials recorded before they were kept) the lowest error wins.
+    bare = [(h, [{k: v for k, v in r.items() if k != "v_score"} for r in rs]) for h, rs in trials]
+    assert race.pick_tuned(bare) == {"shift": 1e-4, "spring": 0.8}
+
+
+def test_tuning_never_picks_a_collapsed_or_diverged_state():
+    trials = [
+        _trial(0.30, 8.5e-07, 6.1e-06, pick="collapsed"),  # one configuration: V = 0
+        _trial(1.0, math.nan, math.nan, pick="diverged"),  # E = 0
+        _trial(3.9e-05, 6.8e-06, 2.12e-04, pick="good"),
+        (dict(pick="failed"), [{"failed": "worker crashed"}]),
+    ]
+    assert race.pick_tuned(trials) == {"pick": "good"}
+    # On two seeds the mean decides: one seed in a wrong state sinks a trial.
+    mixed = (
+        {"pick": "fragile"},
+        [
+            {"relative_error": 1e-6, "relative_error_err": 1e-6, "v_score": 1e-5},
+            {"relative_error": 1.4e-2, "relative_error_err": 1e-4, "v_score": 2e-2},
+        ],
+    )
+    steady = (
+        {"pick": "steady"},
+        [{"relative_error": 2e-5, "relative_error_err": 1e-5, "v_score": 8e-5}] * 2,
+    )
+    assert race.pick_tuned([mixed, steady]) == {"pick": "steady"}
