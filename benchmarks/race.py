@@ -573,7 +573,8 @@ TIE_SIGMAS = 2.0
 def pick_tuned(trials: list[tuple[dict, list[dict]]]) -> dict:
     """The hyperparameters of the best tuning trial: `trials` holds (hyper, runs on the tuning
     seeds). A trial's score is its runs' mean relative error (a failed or diverged run: ∞) with
-    the standard error of that mean from the evaluations' error bars.
+    the standard error of that mean from the evaluations' error bars (an unknown bar counts
+    as 0; a trial without recorded V-scores ranks after those with them).
 
     With exact evaluations (16 sites) this is the lowest mean error. With sampled ones the
     error bars can be as large as the differences between trials (tfim6x6: ±1.2e-5 on errors
