@@ -342,8 +342,8 @@ def last_line(summaries: list[dict]) -> str:
 
 
 def _error_key(run: dict) -> float:
-    """A run's relative error for ranking; a diverged run (NaN energy) ranks last."""
-    error = run["relative_error"]
+    """A run's relative error for ranking; a diverged (NaN) or failed run ranks last."""
+    error = run.get("relative_error", math.nan)
     return error if math.isfinite(error) else math.inf
 
 
@@ -543,7 +543,6 @@ def load_average() -> str:
 def tune(args, cases: list[Case]) -> None:
     """Grid-search every contender on the tuning seeds; write results/race_tuned.json."""
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
-    naqs_label = f"naqs_{args.naqs_optim}"
     only = _labels(args.only)
     for case in cases:
         best: dict[str, dict] = {}
@@ -562,7 +561,6 @@ def tune(args, cases: list[Case]) -> None:
         tuned[case.name] = {**(tuned.get(case.name, {}) if only else {}), **best}
         print(f"tuned {case.name}: {tuned[case.name]}", flush=True)
         TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
-    del naqs_label
 
 
 #: Tuning trials whose mean relative errors lie within this many combined standard errors of
@@ -586,13 +584,12 @@ def pick_tuned(trials: list[tuple[dict, list[dict]]]) -> dict:
     of order 1, so it is never a candidate."""
     scored = []
     for hyper, runs in trials:
-        errors = [_error_key(r) if "relative_error" in r else math.inf for r in runs]
+        mean = sum(_error_key(r) for r in runs) / len(runs)
         bars = [r.get("relative_error_err", math.nan) for r in runs]
-        mean = sum(errors) / len(errors)
-        bar = math.sqrt(sum(b * b for b in bars)) / len(bars) if math.isfinite(mean) else math.inf
+        bar = math.sqrt(sum(b * b for b in bars if math.isfinite(b))) / len(runs)
         v_scores = [r["v_score"] for r in runs if math.isfinite(r.get("v_score", math.nan))]
         vscore = statistics.median(v_scores) if len(v_scores) == len(runs) else math.inf
-        scored.append((mean, bar if math.isfinite(bar) else 0.0, vscore, hyper))
+        scored.append((mean, bar, vscore, hyper))
     best_mean, best_bar, _, best_hyper = min(scored, key=lambda t: t[0])
     if not math.isfinite(best_mean):
         return best_hyper
