@@ -23,7 +23,8 @@ Contenders: naqs — the PixelCNN with exact direct sampling and the update rule
 NetKet — RBM α=1 + Metropolis + `VMC_SR`, FastARNNConv2D 4×16 + direct sampling with Adam and
 with `VMC_SR` (see the workers' docstrings). Every final state is evaluated with an honest
 error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected); on
-tfim6x6 naqs draws 114,688 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`).
+tfim6x6 naqs draws 65,536 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`); if
+the ratio is then a tie, naqs's median state draws more, up to 163,840 (`TOP_UP`).
 
 Output: `benchmarks/results/race.{json,md}`, `race_<case>.png` (relative error of each step's
 energy estimate against wall time, every contender, seed 0) and the last line
@@ -49,9 +50,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,17 +186,27 @@ CASE_DEFAULT_HYPER = {
         },
     },
 }
-#: Extra worker arguments for evaluating the final states of a case (36 sites: sampled). The
-#: race's verdict needs the ratio of medians to ±25 %, and each side's error bar falls only as
-#: 1/√samples. A state's energy variance shrinks with its error (σ² ≈ ω·ΔE, ω ≈ 13 here), so
-#: the relative error bar of a better state is larger: sqrt(ω / (ΔE · N)). At naqs's
-#: 2.6e-5 (ΔE ≈ 3e-3) 65,536 samples gave ±26 % (a tie at 0.58, race of 2026-12-05);
-#: 114,688 = 7 · 2^14 give ±20 %. Its D4 × Z2-averaged state costs 16 network passes per
-#: amplitude (~4.5 min per 65,536 on 2 cores): 2^17 would take the race past 90 min.
-#: NetKet's Markov chains give 8 rounds of 65,536 (±8 % on its RBM).
+#: Extra worker arguments for evaluating the final states of a case (36 sites: sampled): naqs
+#: 65,536 i.i.d. samples, NetKet 8 rounds of 65,536 Markov-chain samples (±8 % on its RBM).
+#: The race's verdict needs the ratio of medians to ±25 %, and each side's error bar falls
+#: only as 1/√samples. A state's energy variance shrinks with its error (σ² ≈ ω·ΔE, ω ≈ 13
+#: here), so the relative error bar of a better state is larger: sqrt(ω / (ΔE · N)); at
+#: naqs's 1.7e-5 (race of 2026-12-06 03:08) 65,536 samples give about ±40 %. Its D4 × Z2-
+#: averaged state costs 16 network passes per amplitude (~6 min per 65,536 on 2 cores), so
+#: drawing enough for every seed would take the race past 90 min; only the median state needs
+#: them, and `TOP_UP` gives them to it.
 EVALUATION = {
-    "tfim6x6": {"naqs": ["--eval-samples", "114688"], "netket": ["--eval-rounds", "8"]},
+    "tfim6x6": {"naqs": ["--eval-samples", "65536"], "netket": ["--eval-rounds", "8"]},
 }
+#: The second stage of a sampled case's evaluation. When the ratio is a tie after every state
+#: has its `EVALUATION` samples, naqs's median state (its checkpoint kept by the worker) draws
+#: more samples with a new seed: as many as its error bar needs to bring the ratio's relative
+#: uncertainty to `target` (planned once from the first stage's bars, not stopped on the
+#: running estimate), in multiples of `quantum` and at most `max_extra` per case. The
+#: estimates are pooled by sample count. If the extra samples change which seed is the median,
+#: the new median state is topped up in turn (same cap). NetKet's states are not topped up:
+#: its 8 rounds already give the smaller bar.
+TOP_UP = {"tfim6x6": {"target": 0.22, "quantum": 16384, "max_extra": 163840}}
 #: The tuning grid: the same number of trials (8) for every contender.
 SR_GRID = {"lr": (0.02, 0.05), "diag_shift": (1e-4, 1e-3), "spring": (0.0, 0.8)}
 ADAM_GRID = {"lr": (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)}
@@ -216,7 +229,13 @@ def evaluation_text(case: Case) -> str:
     if case.n_sites <= 16:
         return "exact full sums"
     samples, rounds = _evaluation_counts(EVALUATION.get(case.name, {}))
-    return f"naqs {samples:,} i.i.d. samples, NetKet {rounds} rounds of 65,536 Markov-chain samples"
+    text = f"naqs {samples:,} i.i.d. samples, NetKet {rounds} rounds of 65,536 Markov-chain samples"
+    if case.name in TOP_UP:
+        text += (
+            f"; on a tie naqs's median state draws up to {TOP_UP[case.name]['max_extra']:,} more"
+            " (race.py TOP_UP)"
+        )
+    return text
 
 
 def _evaluation_counts(arguments: dict) -> tuple[int, int]:
@@ -291,16 +310,25 @@ def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, 
 
 
 def run_one(
-    case: Case, label: str, side: str, hyper: dict, seed: int, args, evaluation: dict | None = None
+    case: Case,
+    label: str,
+    side: str,
+    hyper: dict,
+    seed: int,
+    args,
+    evaluation: dict | None = None,
+    keep: Path | None = None,
 ) -> dict:
     """Train and evaluate one contender once; add the relative error and V-score.
 
-    `evaluation` replaces `EVALUATION` (the tuning's cheaper evaluations)."""
+    `evaluation` replaces `EVALUATION` (the tuning's cheaper evaluations); `keep`: where the
+    naqs worker copies the trained checkpoint (for `top_up`)."""
     common = ["--case", case.name, "--budget", str(case.budget), "--seed", str(seed)]
     common += ["--cpus", args.cpus]
     if side == "naqs":
         arguments = [*common, "--contender", label.removeprefix("naqs_"), *naqs_overrides(hyper)]
         arguments += ["--threads", str(args.threads)]
+        arguments += ["--keep", str(keep)] if keep is not None else []
     else:
         arguments = [*common, "--contender", label, *netket_arguments(hyper)]
     arguments += (EVALUATION if evaluation is None else evaluation).get(case.name, {}).get(side, [])
@@ -310,14 +338,8 @@ def run_one(
     if "failed" in result:
         print(f"  {case.name} {label} seed {seed}: FAILED {result['failed']}", flush=True)
         return result
+    score(case, side, result)
     reference = case.reference(side)
-    final = result["final"]
-    total = final["energy"] * (case.n_sites if side == "naqs" else 1.0)
-    error = final["energy_err"] * (case.n_sites if side == "naqs" else 1.0)
-    result["relative_error"] = (total - reference) / abs(reference)
-    result["relative_error_err"] = error / abs(reference)
-    # A state with zero energy (a NetKet RBM that diverged to E = 0) has no V-score.
-    result["v_score"] = case.n_sites * final["variance"] / total**2 if total else math.nan
     result["trace_relative"] = [
         [t, (e - reference) / abs(reference)] for t, e in result.pop("trace")
     ]
@@ -328,6 +350,106 @@ def run_one(
         flush=True,
     )
     return result
+
+
+def score(case: Case, side: str, result: dict) -> None:
+    """Set a worker result's relative error, its error bar and V-score from its `final`."""
+    reference = case.reference(side)
+    final = result["final"]
+    total = final["energy"] * (case.n_sites if side == "naqs" else 1.0)
+    error = final["energy_err"] * (case.n_sites if side == "naqs" else 1.0)
+    result["relative_error"] = (total - reference) / abs(reference)
+    result["relative_error_err"] = error / abs(reference)
+    # A state with zero energy (a NetKet RBM that diverged to E = 0) has no V-score.
+    result["v_score"] = case.n_sites * final["variance"] / total**2 if total else math.nan
+
+
+def planned_extra(
+    n_samples: int, own: float, other: float, target: float, max_extra: int, quantum: int
+) -> int:
+    """How many more samples bring a ratio's relative uncertainty to `target`.
+
+    `own` is the relative error bar of the state to top up (from `n_samples` samples), `other`
+    the other side's; the ratio's is their quadrature sum. The bar falls as 1/√N, so N must
+    reach n_samples·(own/need)² with need = √(target² − other²). Returns a multiple of
+    `quantum`, at most `max_extra`, or 0 when `other` alone exceeds the target or nothing is
+    needed."""
+    if not (own > 0 and math.isfinite(own)) or other >= target or max_extra < quantum:
+        return 0
+    need = math.sqrt(target**2 - other**2)
+    extra = n_samples * (own / need) ** 2 - n_samples
+    if extra <= 0:
+        return 0
+    return min(math.ceil(extra / quantum) * quantum, max_extra // quantum * quantum)
+
+
+def pooled(first: dict, second: dict, n_sites: int) -> dict:
+    """Two independent sampled evaluations of one state as one: the mean weighted by sample
+    count, its standard error, and the pooled variance of the total energy (both `variance`s
+    are per-sample variances of the total energy; energies are per site)."""
+    n1, n2 = first["n_samples"], second["n_samples"]
+    n = n1 + n2
+    energy = (n1 * first["energy"] + n2 * second["energy"]) / n
+    error = math.hypot(n1 * first["energy_err"], n2 * second["energy_err"]) / n
+    spread = [(n_sites * (e - energy)) ** 2 for e in (first["energy"], second["energy"])]
+    variance = (n1 * (first["variance"] + spread[0]) + n2 * (second["variance"] + spread[1])) / n
+    return {**first, "energy": energy, "energy_err": error, "variance": variance, "n_samples": n}
+
+
+def state_file(states: Path, case: Case, label: str, seed: int) -> Path:
+    """Where the naqs worker keeps a trained state for `top_up`."""
+    return states / f"{case.name}_{label}_seed{seed}.pt"
+
+
+def top_up(case: Case, runs: list[dict], naqs_label: str, args, states: Path) -> None:
+    """Second evaluation stage (`TOP_UP`): while the ratio is a tie, draw more samples of naqs's
+    median state, as many as `planned_extra` says; updates that run in place."""
+    plan = TOP_UP.get(case.name)
+    if plan is None:
+        return
+    spent = 0
+    for _ in range(3):
+        summary = summarize_case(case, runs, naqs_label)
+        best = summary["best_netket"]
+        if best is None or not summary["ratio_uncertainty"] > MAX_RATIO_UNCERTAINTY:
+            return
+        mine = median_run([r for r in runs if r["label"] == naqs_label])
+        other = summary["contenders"][best]
+        if mine is None or not mine["relative_error"] > 0 or not other["median"] > 0:
+            return
+        own = mine["relative_error_err"] / mine["relative_error"]
+        n_samples = int(mine["final"].get("n_samples", 0))
+        extra = planned_extra(
+            n_samples,
+            own,
+            other["median_err"] / other["median"],
+            plan["target"],
+            plan["max_extra"] - spent,
+            plan["quantum"],
+        )
+        state = state_file(states, case, naqs_label, mine["seed"])
+        if extra == 0 or n_samples == 0 or not state.exists():
+            return
+        eval_seed = 12346 + len(mine.get("top_ups", []))
+        arguments = ["--case", case.name, "--evaluate", str(state), "--eval-samples", str(extra)]
+        arguments += ["--eval-seed", str(eval_seed), "--threads", str(args.threads)]
+        arguments += ["--cpus", args.cpus]
+        result = run_worker("naqs", arguments, worker_environment(args.threads), 3600)
+        if "failed" in result:
+            print(f"  {case.name} top-up of seed {mine['seed']}: FAILED {result['failed']}")
+            return
+        before = mine["relative_error"]
+        mine["final"] = pooled(mine["final"], result["final"], case.n_sites)
+        score(case, "naqs", mine)
+        mine.setdefault("top_ups", []).append(
+            {"samples": extra, "eval_seed": eval_seed, "eval_s": result.get("eval_s")}
+        )
+        spent += extra
+        print(
+            f"  {case.name} {naqs_label} seed {mine['seed']}: +{extra:,} samples, rel. error"
+            f" {before:.3e} -> {mine['relative_error']:.3e} ± {mine['relative_error_err']:.1e}",
+            flush=True,
+        )
 
 
 def _labels(text: str) -> list[str]:
@@ -366,6 +488,8 @@ def summarize_case(case: Case, runs: list[dict], naqs_label: str) -> dict:
             "errors": errors,
             "v_scores": [r["v_score"] for r in own if "v_score" in r],
             "steps": [r.get("steps") for r in own],
+            # samples behind each run's sampled evaluation (TOP_UP's included; 0: exact)
+            "samples": [r.get("final", {}).get("n_samples") for r in own],
             "compile_s": [r.get("compile_s") for r in own],
             "failed": [r["failed"] for r in own if "failed" in r],
             "diverged": sum(1 for e in errors if math.isinf(e)),
@@ -521,6 +645,15 @@ def markdown(summaries: list[dict], meta: dict) -> str:
                 f" {row['median']:.2e} ± {row['median_err']:.0e} | {row['worst']:.2e} |"
                 f" {vscore:.1e} | {steps} | {compile_s} | {hyper} |"
             )
+        for label, row in s["contenders"].items():
+            samples = [n for n in row.get("samples", []) if n]
+            if samples and len(set(samples)) > 1:
+                lines += [
+                    "",
+                    f"{label}'s final states were evaluated with"
+                    f" {' / '.join(f'{n:,}' for n in samples)} samples (seeds in order;"
+                    " the extra samples of the median state: race.py TOP_UP).",
+                ]
         if s["case"] in NOT_RACED:
             labels, reason = NOT_RACED[s["case"]]
             lines += ["", f"Not raced on this case: {', '.join(labels)} ({reason})."]
@@ -690,6 +823,49 @@ def merge_previous(path: Path, summaries: list[dict], runs: list[dict]):
     return merged, runs
 
 
+def race_case(
+    case: Case,
+    seeds: list[int],
+    tuned: dict,
+    only: list[str],
+    previous: dict,
+    meta: dict,
+    states: Path,
+    args,
+) -> dict:
+    """Race every contender of one case on every seed; return its summary, with its runs
+    under "runs". With `only`, the other contenders' runs come from `previous` (race.json)."""
+    case_start = time.perf_counter()
+    naqs_label = f"naqs_{args.naqs_optim}"
+    runs = []
+    for seed in seeds:
+        for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
+            if not only or label in only:
+                keep = state_file(states, case, label, seed) if side == "naqs" else None
+                runs.append(run_one(case, label, side, hyper, seed, args, keep=keep))
+    if only:
+        kept = [
+            r for r in previous["runs"] if r.get("case") == case.name and r["label"] not in only
+        ]
+        old = next((s for s in previous["summaries"] if s["case"] == case.name), {})
+        labels = ", ".join(dict.fromkeys(r["label"] for r in kept))
+        if kept:
+            meta["kept"][case.name] = (
+                f"{labels} from the race of {old.get('meta', {}).get('date', '?')}"
+            )
+        runs += kept
+    top_up(case, runs, naqs_label, args, states)
+    summary = summarize_case(case, runs, naqs_label)
+    summary["tuned"] = tuning_note(tuned, case.name)
+    summary["evaluation"] = evaluation_text(case)
+    summary["duration_s"] = time.perf_counter() - case_start
+    print(f"  {case.name}: {summary['duration_s'] / 60:.1f} min", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_case(case, runs, args.out / f"race_{case.name}.png")
+    summary["runs"] = runs
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
@@ -747,32 +923,13 @@ def main() -> int:
         previous = json.loads((args.out / "race.json").read_text())
         meta["kept"] = {}
     summaries, all_runs = [], []
-    for case in cases:
-        case_start = time.perf_counter()
-        runs = []
-        for seed in seeds:
-            for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
-                if not only or label in only:
-                    runs.append(run_one(case, label, side, hyper, seed, args))
-        if only:
-            kept = [
-                r for r in previous["runs"] if r.get("case") == case.name and r["label"] not in only
-            ]
-            old = next((s for s in previous["summaries"] if s["case"] == case.name), {})
-            labels = ", ".join(dict.fromkeys(r["label"] for r in kept))
-            if kept:
-                meta["kept"][case.name] = (
-                    f"{labels} from the race of {old.get('meta', {}).get('date', '?')}"
-                )
-            runs += kept
-        summaries.append(summarize_case(case, runs, f"naqs_{args.naqs_optim}"))
-        summaries[-1]["tuned"] = tuning_note(tuned, case.name)
-        summaries[-1]["evaluation"] = evaluation_text(case)
-        summaries[-1]["duration_s"] = time.perf_counter() - case_start
-        print(f"  {case.name}: {summaries[-1]['duration_s'] / 60:.1f} min", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        plot_case(case, runs, args.out / f"race_{case.name}.png")
-        all_runs += runs
+    states = Path(tempfile.mkdtemp(prefix="naqs-race-states-"))
+    try:
+        for case in cases:
+            summaries.append(race_case(case, seeds, tuned, only, previous, meta, states, args))
+            all_runs += summaries[-1].pop("runs")
+    finally:
+        shutil.rmtree(states, ignore_errors=True)
     meta["load_after"] = load_average()
     versions = {r["side"]: r["version"] for r in all_runs if "version" in r}
     meta["versions"] = "; ".join(f"{k}: {v}" for k, v in sorted(versions.items()))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -56,9 +58,9 @@ def test_each_side_gets_its_evaluation_arguments(monkeypatch):
 
     monkeypatch.setattr(race, "run_worker", fake_worker)
     args = SimpleNamespace(cpus="0,1", threads=2)
-    race.run_one(race.CASES["tfim6x6"], "naqs_minsr", "naqs", {}, 0, args)
+    race.run_one(race.CASES["tfim6x6"], "naqs_minsr", "naqs", {}, 0, args, keep=Path("s.pt"))
+    assert seen["naqs"][-4:] == ["--keep", "s.pt", "--eval-samples", "65536"]
     race.run_one(race.CASES["tfim6x6"], "rbm_sr", "netket", {}, 0, args)
-    assert seen["naqs"][-2:] == ["--eval-samples", "114688"]
     assert seen["netket"][-2:] == ["--eval-rounds", "8"]
     race.run_one(race.CASES["tfim4x4"], "naqs_minsr", "naqs", {}, 0, args)
     race.run_one(race.CASES["tfim4x4"], "rbm_sr", "netket", {}, 0, args)
@@ -180,7 +182,10 @@ def test_a_state_with_zero_energy_has_no_v_score(monkeypatch):
 
 def test_the_report_says_how_final_states_were_evaluated():
     text = race.evaluation_text(race.CASES["tfim6x6"])
-    assert text == "naqs 114,688 i.i.d. samples, NetKet 8 rounds of 65,536 Markov-chain samples"
+    assert text == (
+        "naqs 65,536 i.i.d. samples, NetKet 8 rounds of 65,536 Markov-chain samples; on a tie"
+        " naqs's median state draws up to 163,840 more (race.py TOP_UP)"
+    )
     assert race.evaluation_text(race.CASES["heis4x4"]) == "exact full sums"
 
 
@@ -311,3 +316,92 @@ def test_tuning_never_picks_a_collapsed_or_diverged_state():
         [{"relative_error": 2e-5, "relative_error_err": 1e-5, "v_score": 8e-5}] * 2,
     )
     assert race.pick_tuned([mixed, steady]) == {"pick": "steady"}
+
+
+def test_top_up_plans_the_samples_the_ratio_needs():
+    # Race of 2026-12-06: naqs's median ±40 % at 65,536 samples, NetKet's ±7.4 %.
+    need = math.sqrt(0.22**2 - 0.074**2)
+    extra = race.planned_extra(65536, 0.30, 0.074, 0.22, 163840, 16384)
+    assert extra == 81920 and extra >= 65536 * ((0.30 / need) ** 2 - 1) > extra - 16384
+    assert race.planned_extra(65536, 0.39, 0.074, 0.22, 163840, 16384) == 163840  # capped
+    assert race.planned_extra(65536, 0.39, 0.074, 0.22, 10000, 16384) == 0  # cap below 1 quantum
+    assert race.planned_extra(65536, 0.15, 0.074, 0.22, 163840, 16384) == 0  # already enough
+    assert race.planned_extra(65536, 0.39, 0.23, 0.22, 163840, 16384) == 0  # the other side's bar
+    assert race.planned_extra(65536, math.nan, 0.07, 0.22, 163840, 16384) == 0
+
+
+def test_pooled_evaluations_equal_one_evaluation_of_all_samples():
+    rng = np.random.default_rng(7)
+    totals = -115.2 + rng.normal(size=3000) * np.linspace(0.5, 1.5, 3000)  # two different halves
+
+    def evaluation(part):
+        per_site = part / 36
+        return {
+            "energy": per_site.mean(),
+            "energy_err": per_site.std() / math.sqrt(len(part)),
+            "variance": part.var(),
+            "n_samples": len(part),
+            "exact": False,
+        }
+
+    merged = race.pooled(evaluation(totals[:1000]), evaluation(totals[1000:]), 36)
+    whole = evaluation(totals)
+    assert merged["n_samples"] == 3000
+    assert merged["energy"] == pytest.approx(whole["energy"], rel=1e-13)
+    assert merged["variance"] == pytest.approx(whole["variance"], rel=1e-12)
+    # The pooled bar leaves out the spread between the two means (one of many sample draws).
+    assert merged["energy_err"] == pytest.approx(whole["energy_err"], rel=0.02)
+    assert merged["energy_err"] < whole["energy_err"]
+
+
+def _sampled_run(label: str, seed: int, error: float, bar: float, n_samples: int) -> dict:
+    reference = race.CASES["tfim6x6"].reference("naqs")
+    final = {
+        "energy": (reference + error * abs(reference)) / 36,
+        "energy_err": bar * abs(reference) / 36,
+        "variance": 13.0 * error * abs(reference),
+        "exact": False,
+        "n_samples": n_samples,
+    }
+    run = {"label": label, "seed": seed, "final": final, "steps": 10, "compile_s": 0.0}
+    run |= {"dtype": "float32", "n_params": 5, "hyper": {}}
+    race.score(race.CASES["tfim6x6"], "naqs", run)
+    return run
+
+
+def test_a_tie_tops_up_the_median_naqs_state_until_the_ratio_counts(monkeypatch, tmp_path):
+    case = race.CASES["tfim6x6"]
+    runs = [
+        _sampled_run("naqs_minsr", seed, error, 0.7e-5, 65536)
+        for seed, error in ((0, 1.74e-5), (1, 2.07e-5), (2, 1.12e-5))
+    ]
+    runs += fake_runs("rbm_sr", [5.14e-5, 4.87e-5, 4.87e-5], [0.36e-5] * 3)
+    assert race.summarize_case(case, runs, "naqs_minsr")["verdict"] == "tie"
+    for seed in (0, 1, 2):
+        race.state_file(tmp_path, case, "naqs_minsr", seed).write_bytes(b"state")
+    calls = []
+
+    def fake_worker(side, arguments, env, timeout):
+        calls.append(arguments)
+        extra = int(arguments[arguments.index("--eval-samples") + 1])
+        bar = 0.7e-5 * math.sqrt(65536 / extra)  # the same state: the bar falls as 1/sqrt(N)
+        return {"final": _sampled_run("naqs_minsr", 0, 1.60e-5, bar, extra)["final"], "eval_s": 1}
+
+    monkeypatch.setattr(race, "run_worker", fake_worker)
+    args = SimpleNamespace(cpus="0,1", threads=2)
+    race.top_up(case, runs, "naqs_minsr", args, tmp_path)
+    assert len(calls) == 1
+    state = calls[0][calls[0].index("--evaluate") + 1]
+    assert state == str(race.state_file(tmp_path, case, "naqs_minsr", 0))  # the median seed
+    assert calls[0][calls[0].index("--eval-seed") + 1] != "12345"  # not the first stage's draw
+    median = runs[0]
+    extra = median["top_ups"][0]["samples"]
+    assert median["final"]["n_samples"] == 65536 + extra
+    expected = (65536 * 1.74e-5 + extra * 1.60e-5) / (65536 + extra)
+    assert median["relative_error"] == pytest.approx(expected, rel=1e-9)
+    summary = race.summarize_case(case, runs, "naqs_minsr")
+    assert summary["ratio_uncertainty"] <= race.MAX_RATIO_UNCERTAINTY
+    assert summary["verdict"] == f"{summary['ratio']:.3g}"
+    assert summary["contenders"]["naqs_minsr"]["samples"] == [65536 + extra, 65536, 65536]
+    race.top_up(case, runs, "naqs_minsr", args, tmp_path)  # no longer a tie: nothing drawn
+    assert len(calls) == 1
