@@ -892,6 +892,12 @@ def main() -> int:
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {','.join(CASES)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(
+            f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2"
+        )
     if not NETKET_PYTHON.exists():
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
         return 2
@@ -909,7 +915,6 @@ def main() -> int:
         tune(args, cases)
         return 0
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
-    seeds = [int(s) for s in args.seeds.split(",")]
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu_description(),

@@ -148,6 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.evaluate and (args.contender is None or args.budget is None):
         parser.error("--contender and --budget are required to train (or give --evaluate)")
+    if args.evaluate and not Path(args.evaluate).is_file():
+        parser.error(f"--evaluate {args.evaluate}: no such checkpoint file (one written by --keep)")
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     sys.argv = sys.argv[:1]  # Hydra's compose must not see the worker's arguments

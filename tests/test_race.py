@@ -254,6 +254,18 @@ def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
     assert error == "race.py: error: --cases: unknown tfim9x9; choose from tfim4x4,tfim6x6,heis4x4"
 
 
+def test_bad_seeds_are_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["race.py", "--seeds", "0,one"])
+    with pytest.raises(SystemExit) as stop:
+        race.main()
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        error
+        == "race.py: error: --seeds: '0,one' is not a comma-separated list of integers, e.g. 0,1,2"
+    )
+
+
 def test_contenders_left_out_of_a_case_are_not_run_and_are_named_in_the_report():
     labels = [label for label, _, _ in race.contenders("minsr", {}, "tfim6x6")]
     assert labels == ["naqs_minsr", "rbm_sr"]
