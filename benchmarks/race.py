@@ -338,8 +338,7 @@ def run_one(
     if "failed" in result:
         print(f"  {case.name} {label} seed {seed}: FAILED {result['failed']}", flush=True)
         return result
-    score(case, side, result)
-    reference = case.reference(side)
+    reference = score(case, side, result)
     result["trace_relative"] = [
         [t, (e - reference) / abs(reference)] for t, e in result.pop("trace")
     ]
@@ -352,8 +351,9 @@ def run_one(
     return result
 
 
-def score(case: Case, side: str, result: dict) -> None:
-    """Set a worker result's relative error, its error bar and V-score from its `final`."""
+def score(case: Case, side: str, result: dict) -> float:
+    """Set a worker result's relative error, its error bar and V-score from its `final`;
+    return the reference energy used (total, in `side`'s units)."""
     reference = case.reference(side)
     final = result["final"]
     total = final["energy"] * (case.n_sites if side == "naqs" else 1.0)
@@ -362,6 +362,7 @@ def score(case: Case, side: str, result: dict) -> None:
     result["relative_error_err"] = error / abs(reference)
     # A state with zero energy (a NetKet RBM that diverged to E = 0) has no V-score.
     result["v_score"] = case.n_sites * final["variance"] / total**2 if total else math.nan
+    return reference
 
 
 def planned_extra(

@@ -245,21 +245,22 @@ def test_report_is_rebuilt_from_the_runs(tmp_path, capsys):
     assert "hyperparameters: by hand." in (tmp_path / "race.md").read_text()
 
 
-def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["race.py", "--cases", "tfim4x4,tfim9x9"])
+def _main_error_line(monkeypatch, capsys, *argv: str) -> str:
+    """The last stderr line of race.main() with `argv`; it must exit with code 2."""
+    monkeypatch.setattr(sys, "argv", ["race.py", *argv])
     with pytest.raises(SystemExit) as stop:
         race.main()
     assert stop.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
+    error = _main_error_line(monkeypatch, capsys, "--cases", "tfim4x4,tfim9x9")
     assert error == "race.py: error: --cases: unknown tfim9x9; choose from tfim4x4,tfim6x6,heis4x4"
 
 
 def test_bad_seeds_are_one_error_line(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["race.py", "--seeds", "0,one"])
-    with pytest.raises(SystemExit) as stop:
-        race.main()
-    assert stop.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    error = _main_error_line(monkeypatch, capsys, "--seeds", "0,one")
     assert (
         error
         == "race.py: error: --seeds: '0,one' is not a comma-separated list of integers, e.g. 0,1,2"
