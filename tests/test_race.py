@@ -6,6 +6,7 @@ venv is not needed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -94,6 +95,33 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
     note = race.tuning_note(json.loads(tuned_path.read_text()), "tfim4x4")
     assert note.startswith("arnn_adam, rbm_sr from `make race-tune`")
     assert race.tuning_note({}, "tfim4x4").startswith("no race-tune run for this case")
+
+
+def test_heis4x4_is_tuned_on_a_grid_holding_both_sides_starting_points(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
+    seen = []
+
+    def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
+        seen.append((label, hyper["lr"], hyper["diag_shift"], hyper["spring"]))
+        return {"relative_error": 1e-3 * (1 + (hyper["lr"] != 0.01) + (hyper["spring"] != 0))}
+
+    monkeypatch.setattr(race, "run_one", fake_run_one)
+    race.tune(
+        SimpleNamespace(naqs_optim="minsr", only="naqs_minsr,rbm_sr"), [race.CASES["heis4x4"]]
+    )
+    grid = race.CASE_SR_GRID["heis4x4"]
+    for label in ("naqs_minsr", "rbm_sr"):
+        points = {p[1:] for p in seen if p[0] == label}
+        assert points == set(itertools.product(*grid.values()))  # 8 points, the same for both
+        start = race.CASE_DEFAULT_HYPER["heis4x4"][label]
+        assert (start["lr"], start["diag_shift"], start["spring"]) in points
+    assert len(seen) == 2 * 8 * len(race.tune_seeds("heis4x4"))
+    tuned = json.loads((tmp_path / "race_tuned.json").read_text())["heis4x4"]
+    assert (tuned["rbm_sr"]["lr"], tuned["rbm_sr"]["spring"]) == (0.01, 0.0)
+    # naqs keeps its recipe's schedule keys, which lie outside the grid.
+    assert tuned["naqs_minsr"]["optim.schedule"] == "step"
+    assert race.sr_grid("tfim6x6") is race.SR_GRID
 
 
 def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path):
