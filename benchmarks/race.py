@@ -910,6 +910,10 @@ def main() -> int:
         parser.error(
             f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2"
         )
+    labels = (f"naqs_{args.naqs_optim}", *NETKET_CONTENDERS)
+    unknown = [label for label in _labels(args.only) if label not in labels]
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)}; choose from {','.join(labels)}")
     if not NETKET_PYTHON.exists():
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
         return 2

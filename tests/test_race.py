@@ -287,6 +287,12 @@ def test_an_unknown_case_is_one_error_line(monkeypatch, capsys):
     assert error == "race.py: error: --cases: unknown tfim9x9; choose from tfim4x4,tfim6x6,heis4x4"
 
 
+def test_an_unknown_contender_is_one_error_line(monkeypatch, capsys):
+    error = _main_error_line(monkeypatch, capsys, "--tune", "--only", "rbm_sr,nosuch")
+    expected = "--only: unknown nosuch; choose from naqs_minsr,rbm_sr,arnn_adam,arnn_sr"
+    assert error == f"race.py: error: {expected}"
+
+
 def test_bad_seeds_are_one_error_line(monkeypatch, capsys):
     error = _main_error_line(monkeypatch, capsys, "--seeds", "0,one")
     assert (
