@@ -309,12 +309,22 @@ def netket_arguments(hyper: dict) -> list[str]:
     return out
 
 
+def naqs_label(naqs_optim: str) -> str:
+    """The race label of the naqs contender trained with `--naqs-optim`."""
+    return f"naqs_{naqs_optim}"
+
+
+def contender_labels(naqs_optim: str) -> tuple[str, ...]:
+    """Every contender label `--only` accepts (some cases leave some out: NOT_RACED)."""
+    return (naqs_label(naqs_optim), *NETKET_CONTENDERS)
+
+
 def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, dict]]:
     """(label, side, hyperparameters) of every contender of a case."""
     own = tuned.get(case, {})
-    naqs_label = f"naqs_{naqs_optim}"
+    label = naqs_label(naqs_optim)
     defaults = {**DEFAULT_HYPER, **CASE_DEFAULT_HYPER.get(case, {})}
-    out = [(naqs_label, "naqs", own.get(naqs_label, defaults.get(naqs_label, {})))]
+    out = [(label, "naqs", own.get(label, defaults.get(label, {})))]
     skipped = NOT_RACED.get(case, ((), ""))[0]
     out += [(c, "netket", own.get(c, defaults[c])) for c in NETKET_CONTENDERS if c not in skipped]
     return out
@@ -848,7 +858,7 @@ def race_case(
     """Race every contender of one case on every seed; return its summary, with its runs
     under "runs". With `only`, the other contenders' runs come from `previous` (race.json)."""
     case_start = time.perf_counter()
-    naqs_label = f"naqs_{args.naqs_optim}"
+    naqs = naqs_label(args.naqs_optim)
     runs = []
     for seed in seeds:
         for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
@@ -866,8 +876,8 @@ def race_case(
                 f"{labels} from the race of {old.get('meta', {}).get('date', '?')}"
             )
         runs += kept
-    top_up(case, runs, naqs_label, args, states)
-    summary = summarize_case(case, runs, naqs_label)
+    top_up(case, runs, naqs, args, states)
+    summary = summarize_case(case, runs, naqs)
     summary["tuned"] = tuning_note(tuned, case.name)
     summary["evaluation"] = evaluation_text(case)
     summary["duration_s"] = time.perf_counter() - case_start
@@ -910,7 +920,7 @@ def main() -> int:
         parser.error(
             f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2"
         )
-    labels = (f"naqs_{args.naqs_optim}", *NETKET_CONTENDERS)
+    labels = contender_labels(args.naqs_optim)
     unknown = [label for label in _labels(args.only) if label not in labels]
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)}; choose from {','.join(labels)}")
@@ -919,7 +929,7 @@ def main() -> int:
         return 2
     cases = [CASES[c] for c in args.cases.split(",")]
     if args.report:
-        return rebuild_report(args.out, f"naqs_{args.naqs_optim}")
+        return rebuild_report(args.out, naqs_label(args.naqs_optim))
     if args.replot:
         runs = json.loads((args.out / "race.json").read_text())["runs"]
         for case in cases:
