@@ -21,7 +21,8 @@ for every seed. Cases, budgets and references:
 Contenders: naqs — the PixelCNN with exact direct sampling and the update rule chosen by
 `--naqs-optim` (default minsr), hyperparameters from `results/race_tuned.json` when present;
 NetKet — RBM α=1 + Metropolis + `VMC_SR`, FastARNNConv2D 4×16 + direct sampling with Adam and
-with `VMC_SR` (see the workers' docstrings). Every final state is evaluated with an honest
+with `VMC_SR` (see the workers' docstrings; `NOT_RACED` leaves the last two out of tfim6x6 and
+heis4x4, `--all-contenders` races them). Every final state is evaluated with an honest
 error bar: exactly for 16 sites, otherwise with ≥ 65,536 samples (NetKet: τ-corrected); on
 tfim6x6 naqs draws 65,536 i.i.d. samples and NetKet 8 rounds of 65,536 (`EVALUATION`); if
 the ratio is then a tie, naqs's median state draws more, up to 163,840 (`TOP_UP`).
@@ -111,14 +112,25 @@ CASES = {
     "heis4x4": Case("heis4x4", 120.0, 16, "exact diagonalization, Σσᶻ = 0"),
 }
 NETKET_CONTENDERS = ("rbm_sr", "arnn_adam", "arnn_sr")
-#: NetKet contenders left out of a case, with the reason the report prints. On TFIM 6×6 the
-#: autoregressive networks would take ~45 of the race's minutes for contenders that are
-#: 700–1,200× behind NetKet's RBM on TFIM 4×4 (race of 2026-12-05 22:11: medians 2.3e-4 with
-#: VMC_SR, 4.1e-4 with Adam, against 3.3e-7) and 15–18× behind it on Heisenberg 4×4.
+#: NetKet contenders left out of a case, with the reason the report prints (`--all-contenders`
+#: races them anyway). They keep `make race` under its 90 minutes: the whole race of
+#: 2026-12-06 11:27 with them on heis4x4 took 93.8 min (tfim4x4 7.9, tfim6x6 59.8, of which
+#: 33.7 naqs's sampled evaluations, heis4x4 26.2). On TFIM 6×6 the autoregressive networks
+#: would take ~45 minutes for contenders 700–1,200× behind NetKet's RBM on TFIM 4×4 (race of
+#: 2026-12-05 22:11: medians 2.3e-4 with VMC_SR, 4.1e-4 with Adam, against 3.3e-7); on
+#: Heisenberg 4×4 they took about 12.7 of heis4x4's minutes and were 12–16× behind NetKet's RBM in
+#: each of the three full races they ran in (2026-12-05 22:11, 2026-12-06 10:15 and 11:27:
+#: medians 2.3e-2 with VMC_SR, 2.7e-2–2.9e-2 with Adam, against 1.5e-3–1.8e-3).
 NOT_RACED = {
     "tfim6x6": (
         ("arnn_adam", "arnn_sr"),
-        "700-1,200x behind NetKet's RBM on tfim4x4 and 15-18x on heis4x4 (race.py NOT_RACED)",
+        "700-1,200x behind NetKet's RBM on tfim4x4 and 12-16x on heis4x4 (race.py NOT_RACED)",
+    ),
+    "heis4x4": (
+        ("arnn_adam", "arnn_sr"),
+        "12-16x behind NetKet's RBM on this case in three full races, the last 2026-12-06 11:27;"
+        " left out to keep make race under 90 min (race.py NOT_RACED; --all-contenders races"
+        " them)",
     ),
 }
 #: Untuned starting points (NetKet's documented VMC_SR defaults; naqs's config defaults).
@@ -319,13 +331,16 @@ def contender_labels(naqs_optim: str) -> tuple[str, ...]:
     return (naqs_label(naqs_optim), *NETKET_CONTENDERS)
 
 
-def contenders(naqs_optim: str, tuned: dict, case: str) -> list[tuple[str, str, dict]]:
-    """(label, side, hyperparameters) of every contender of a case."""
+def contenders(
+    naqs_optim: str, tuned: dict, case: str, everyone: bool = False
+) -> list[tuple[str, str, dict]]:
+    """(label, side, hyperparameters) of every contender of a case (`everyone`: also those
+    `NOT_RACED` leaves out)."""
     own = tuned.get(case, {})
     label = naqs_label(naqs_optim)
     defaults = {**DEFAULT_HYPER, **CASE_DEFAULT_HYPER.get(case, {})}
     out = [(label, "naqs", own.get(label, defaults.get(label, {})))]
-    skipped = NOT_RACED.get(case, ((), ""))[0]
+    skipped = () if everyone else NOT_RACED.get(case, ((), ""))[0]
     out += [(c, "netket", own.get(c, defaults[c])) for c in NETKET_CONTENDERS if c not in skipped]
     return out
 
@@ -676,9 +691,10 @@ def markdown(summaries: list[dict], meta: dict) -> str:
                     f" {' / '.join(f'{n:,}' for n in samples)} samples (seeds in order;"
                     " the extra samples of the median state: race.py TOP_UP).",
                 ]
-        if s["case"] in NOT_RACED:
-            labels, reason = NOT_RACED[s["case"]]
-            lines += ["", f"Not raced on this case: {', '.join(labels)} ({reason})."]
+        labels, reason = NOT_RACED.get(s["case"], ((), ""))
+        left_out = [label for label in labels if label not in s["contenders"]]
+        if left_out:
+            lines += ["", f"Not raced on this case: {', '.join(left_out)} ({reason})."]
         lines += [
             "",
             f"naqs / best NetKet ({s['best_netket']}): **{s['verdict']}**"
@@ -861,7 +877,9 @@ def race_case(
     naqs = naqs_label(args.naqs_optim)
     runs = []
     for seed in seeds:
-        for label, side, hyper in contenders(args.naqs_optim, tuned, case.name):
+        for label, side, hyper in contenders(
+            args.naqs_optim, tuned, case.name, args.all_contenders
+        ):
             if not only or label in only:
                 keep = state_file(states, case, label, seed) if side == "naqs" else None
                 runs.append(run_one(case, label, side, hyper, seed, args, keep=keep))
@@ -899,6 +917,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from race.json")
     parser.add_argument(
+        "--all-contenders",
+        action="store_true",
+        help="also race the NetKet contenders NOT_RACED leaves out of a case (make race then"
+        " takes longer than 90 min)",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="recompute the summaries and race.md from race.json's runs (no worker runs)",
@@ -924,10 +948,21 @@ def main() -> int:
     unknown = [label for label in _labels(args.only) if label not in labels]
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)}; choose from {','.join(labels)}")
+    cases = [CASES[c] for c in args.cases.split(",")]
+    idle = [
+        label
+        for label in _labels(args.only)
+        if not args.all_contenders
+        and all(label in NOT_RACED.get(case.name, ((), ""))[0] for case in cases)
+    ]
+    if idle:
+        parser.error(
+            f"--only: {', '.join(idle)} not raced on {args.cases} (race.py NOT_RACED);"
+            " add --all-contenders to race them"
+        )
     if not NETKET_PYTHON.exists():
         print(f"NetKet's venv is missing ({NETKET_PYTHON}): run `make race`", file=sys.stderr)
         return 2
-    cases = [CASES[c] for c in args.cases.split(",")]
     if args.report:
         return rebuild_report(args.out, naqs_label(args.naqs_optim))
     if args.replot:

@@ -293,6 +293,16 @@ def test_an_unknown_contender_is_one_error_line(monkeypatch, capsys):
     assert error == f"race.py: error: {expected}"
 
 
+def test_only_a_contender_left_out_of_every_chosen_case_is_one_error_line(monkeypatch, capsys):
+    args = ("--cases", "tfim6x6,heis4x4", "--only", "naqs_minsr,arnn_sr")
+    error = _main_error_line(monkeypatch, capsys, *args)
+    expected = (
+        "--only: arnn_sr not raced on tfim6x6,heis4x4 (race.py NOT_RACED);"
+        " add --all-contenders to race them"
+    )
+    assert error == f"race.py: error: {expected}"
+
+
 def test_bad_seeds_are_one_error_line(monkeypatch, capsys):
     error = _main_error_line(monkeypatch, capsys, "--seeds", "0,one")
     assert (
@@ -302,15 +312,24 @@ def test_bad_seeds_are_one_error_line(monkeypatch, capsys):
 
 
 def test_contenders_left_out_of_a_case_are_not_run_and_are_named_in_the_report():
-    labels = [label for label, _, _ in race.contenders("minsr", {}, "tfim6x6")]
-    assert labels == ["naqs_minsr", "rbm_sr"]
+    everyone = ["naqs_minsr", "rbm_sr", "arnn_adam", "arnn_sr"]
+    for case in ("tfim6x6", "heis4x4"):
+        labels = [label for label, _, _ in race.contenders("minsr", {}, case)]
+        assert labels == ["naqs_minsr", "rbm_sr"]
+        labels = [label for label, _, _ in race.contenders("minsr", {}, case, everyone=True)]
+        assert labels == everyone
     labels = [label for label, _, _ in race.contenders("minsr", {}, "tfim4x4")]
-    assert labels == ["naqs_minsr", "rbm_sr", "arnn_adam", "arnn_sr"]
+    assert labels == everyone
     runs = fake_runs("naqs_minsr", [3e-6], [0.1e-6]) + fake_runs("rbm_sr", [4e-6], [0.1e-6])
     summary = race.summarize_case(race.CASES["tfim6x6"], runs, "naqs_minsr")
     meta = {"date": "d", "cpu": "c", "threads": 2, "cpus": "0,1", "load_before": "1"}
-    text = race.markdown([summary], {**meta, "load_after": "1", "versions": "v"})
+    meta = {**meta, "load_after": "1", "versions": "v"}
+    text = race.markdown([summary], meta)
     assert "Not raced on this case: arnn_adam, arnn_sr (" in text
+    # raced anyway (--all-contenders): the report does not call them left out
+    runs += fake_runs("arnn_adam", [4e-4], [0.0]) + fake_runs("arnn_sr", [2e-4], [0.0])
+    summary = race.summarize_case(race.CASES["heis4x4"], runs, "naqs_minsr")
+    assert "Not raced" not in race.markdown([summary], meta)
 
 
 def _trial(error: float, bar: float, v_score: float, **hyper) -> tuple[dict, list[dict]]:
