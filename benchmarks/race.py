@@ -118,9 +118,9 @@ NETKET_CONTENDERS = ("rbm_sr", "arnn_adam", "arnn_sr")
 #: 33.7 naqs's sampled evaluations, heis4x4 26.2). On TFIM 6×6 the autoregressive networks
 #: would take ~45 minutes for contenders 700–1,200× behind NetKet's RBM on TFIM 4×4 (race of
 #: 2026-12-05 22:11: medians 2.3e-4 with VMC_SR, 4.1e-4 with Adam, against 3.3e-7); on
-#: Heisenberg 4×4 they took about 12.7 of heis4x4's minutes and were 12–16× behind NetKet's RBM in
-#: each of the three full races they ran in (2026-12-05 22:11, 2026-12-06 10:15 and 11:27:
-#: medians 2.3e-2 with VMC_SR, 2.7e-2–2.9e-2 with Adam, against 1.5e-3–1.8e-3).
+#: Heisenberg 4×4 they took about 12.7 of heis4x4's 26.2 minutes and were 12–16× behind
+#: NetKet's RBM in each of the three full races they ran in (2026-12-05 22:11, 2026-12-06 10:15
+#: and 11:27: medians 2.3e-2 with VMC_SR, 2.7e-2–2.9e-2 with Adam, against 1.5e-3–1.8e-3).
 NOT_RACED = {
     "tfim6x6": (
         ("arnn_adam", "arnn_sr"),
@@ -717,7 +717,7 @@ def tune(args, cases: list[Case]) -> None:
     only = _labels(args.only)
     for case in cases:
         best: dict[str, dict] = {}
-        for label, side, base in contenders(args.naqs_optim, {}, case.name):
+        for label, side, base in contenders(args.naqs_optim, {}, case.name, args.all_contenders):
             if only and label not in only:
                 continue
             grid = ADAM_GRID if label.endswith("adam") else sr_grid(case.name)

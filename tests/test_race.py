@@ -83,7 +83,7 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
         return {"relative_error": error * (1 + seed / 1000)}
 
     monkeypatch.setattr(race, "run_one", fake_run_one)
-    args = SimpleNamespace(naqs_optim="minsr", only="rbm_sr")
+    args = SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="rbm_sr")
     race.tune(args, [race.CASES["tfim4x4"]])
     assert set(calls) == {"rbm_sr"}
     assert len(calls) == 8 * len(race.TUNE_SEEDS)  # the same trials for every contender
@@ -97,6 +97,26 @@ def test_tune_only_keeps_the_other_contenders(monkeypatch, tmp_path):
     assert race.tuning_note({}, "tfim4x4").startswith("no race-tune run for this case")
 
 
+def test_all_contenders_tunes_a_contender_the_race_leaves_out(monkeypatch, tmp_path):
+    monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
+    monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
+    calls = []
+
+    def fake_run_one(case, label, side, hyper, seed, args, evaluation=None):
+        calls.append(label)
+        return {"relative_error": 1e-2 * (1 + (hyper["lr"] != 0.01))}
+
+    monkeypatch.setattr(race, "run_one", fake_run_one)
+    heis = [race.CASES["heis4x4"]]
+    race.tune(SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="arnn_sr"), heis)
+    assert calls == []  # left out of heis4x4 (main() refuses this in one line)
+    race.tune(SimpleNamespace(naqs_optim="minsr", all_contenders=True, only="arnn_sr"), heis)
+    assert calls == ["arnn_sr"] * 8 * len(race.tune_seeds("heis4x4"))
+    assert (
+        json.loads((tmp_path / "race_tuned.json").read_text())["heis4x4"]["arnn_sr"]["lr"] == 0.01
+    )
+
+
 def test_heis4x4_is_tuned_on_a_grid_holding_both_sides_starting_points(monkeypatch, tmp_path):
     monkeypatch.setattr(race, "TUNED", tmp_path / "race_tuned.json")
     monkeypatch.setattr(race, "TRIALS", tmp_path / "trials.json")
@@ -108,7 +128,8 @@ def test_heis4x4_is_tuned_on_a_grid_holding_both_sides_starting_points(monkeypat
 
     monkeypatch.setattr(race, "run_one", fake_run_one)
     race.tune(
-        SimpleNamespace(naqs_optim="minsr", only="naqs_minsr,rbm_sr"), [race.CASES["heis4x4"]]
+        SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="naqs_minsr,rbm_sr"),
+        [race.CASES["heis4x4"]],
     )
     grid = race.CASE_SR_GRID["heis4x4"]
     for label in ("naqs_minsr", "rbm_sr"):
@@ -137,7 +158,10 @@ def test_a_diverged_seed_counts_as_the_worst_in_the_tuning(monkeypatch, tmp_path
         return {"relative_error": 3e-9}
 
     monkeypatch.setattr(race, "run_one", fake_run_one)
-    race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim4x4"]])
+    race.tune(
+        SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="rbm_sr"),
+        [race.CASES["tfim4x4"]],
+    )
     tuned = json.loads((tmp_path / "race_tuned.json").read_text())["tfim4x4"]["rbm_sr"]
     assert (tuned["lr"], tuned["diag_shift"], tuned["spring"]) != (0.02, 1e-4, 0.0)
 
@@ -152,7 +176,9 @@ def test_tfim6x6_is_tuned_on_one_seed_with_cheaper_evaluations(monkeypatch, tmp_
         return {"failed": "not run"}
 
     monkeypatch.setattr(race, "run_worker", fake_worker)
-    args = SimpleNamespace(naqs_optim="minsr", only="naqs_minsr,rbm_sr", cpus="0,1", threads=2)
+    args = SimpleNamespace(
+        naqs_optim="minsr", all_contenders=False, only="naqs_minsr,rbm_sr", cpus="0,1", threads=2
+    )
     race.tune(args, [race.CASES["tfim6x6"]])
     assert len(seen) == 2 * 8  # both sides: the same 8 trials, one seed each
     assert {a[a.index("--seed") + 1] for _, a in seen} == {"100"}
@@ -176,7 +202,7 @@ def test_an_interrupted_tuning_resumes_from_its_finished_trials(monkeypatch, tmp
         return {"relative_error": hyper["lr"] * hyper["diag_shift"] * (1 + hyper["spring"])}
 
     monkeypatch.setattr(race, "run_one", crashing_run_one)
-    args = SimpleNamespace(naqs_optim="minsr", only="rbm_sr")
+    args = SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="rbm_sr")
     with pytest.raises(RuntimeError):
         race.tune(args, [race.CASES["tfim4x4"]])
     assert len(json.loads((tmp_path / "trials.json").read_text())) == 5
@@ -194,7 +220,10 @@ def test_a_damaged_trials_file_is_one_error_line(monkeypatch, tmp_path):
     (tmp_path / "trials.json").write_text('{"half')
     monkeypatch.setattr(race, "run_one", lambda *a: pytest.fail("must not train"))
     with pytest.raises(SystemExit, match="trials.json is not readable JSON .*move it away"):
-        race.tune(SimpleNamespace(naqs_optim="minsr", only="rbm_sr"), [race.CASES["tfim4x4"]])
+        race.tune(
+            SimpleNamespace(naqs_optim="minsr", all_contenders=False, only="rbm_sr"),
+            [race.CASES["tfim4x4"]],
+        )
 
 
 def test_a_state_with_zero_energy_has_no_v_score(monkeypatch):
