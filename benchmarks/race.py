@@ -331,6 +331,11 @@ def contender_labels(naqs_optim: str) -> tuple[str, ...]:
     return (naqs_label(naqs_optim), *NETKET_CONTENDERS)
 
 
+def not_raced(case: str) -> tuple[str, ...]:
+    """The NetKet contenders `NOT_RACED` leaves out of a case."""
+    return NOT_RACED.get(case, ((), ""))[0]
+
+
 def contenders(
     naqs_optim: str, tuned: dict, case: str, everyone: bool = False
 ) -> list[tuple[str, str, dict]]:
@@ -340,7 +345,7 @@ def contenders(
     label = naqs_label(naqs_optim)
     defaults = {**DEFAULT_HYPER, **CASE_DEFAULT_HYPER.get(case, {})}
     out = [(label, "naqs", own.get(label, defaults.get(label, {})))]
-    skipped = () if everyone else NOT_RACED.get(case, ((), ""))[0]
+    skipped = () if everyone else not_raced(case)
     out += [(c, "netket", own.get(c, defaults[c])) for c in NETKET_CONTENDERS if c not in skipped]
     return out
 
@@ -691,9 +696,9 @@ def markdown(summaries: list[dict], meta: dict) -> str:
                     f" {' / '.join(f'{n:,}' for n in samples)} samples (seeds in order;"
                     " the extra samples of the median state: race.py TOP_UP).",
                 ]
-        labels, reason = NOT_RACED.get(s["case"], ((), ""))
-        left_out = [label for label in labels if label not in s["contenders"]]
+        left_out = [label for label in not_raced(s["case"]) if label not in s["contenders"]]
         if left_out:
+            reason = NOT_RACED[s["case"]][1]
             lines += ["", f"Not raced on this case: {', '.join(left_out)} ({reason})."]
         lines += [
             "",
@@ -949,12 +954,12 @@ def main() -> int:
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)}; choose from {','.join(labels)}")
     cases = [CASES[c] for c in args.cases.split(",")]
-    idle = [
+    raced = {
         label
-        for label in _labels(args.only)
-        if not args.all_contenders
-        and all(label in NOT_RACED.get(case.name, ((), ""))[0] for case in cases)
-    ]
+        for case in cases
+        for label, _, _ in contenders(args.naqs_optim, {}, case.name, args.all_contenders)
+    }
+    idle = [label for label in _labels(args.only) if label not in raced]
     if idle:
         parser.error(
             f"--only: {', '.join(idle)} not raced on {args.cases} (race.py NOT_RACED);"
