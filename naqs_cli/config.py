@@ -47,6 +47,7 @@ class PixelCNNConfig:
     kernel_size: int = 3
     phase: bool = True
     total_sz: float | None = None
+    count_feature: bool = False  # conditionals also see ln(ups/downs still needed); needs total_sz
     symmetry: str = "none"
 
 
@@ -57,6 +58,7 @@ class DenseConfig:
     hidden: int = 64
     phase: bool = True
     total_sz: float | None = None
+    count_feature: bool = False  # conditionals also see ln(ups/downs still needed); needs total_sz
     symmetry: str = "none"
 
 

@@ -254,6 +254,8 @@ def _validate_model(cfg: DictConfig, lattice: SquareLattice, ham_kind: str) -> N
                 model.total_sz,
                 f"Σσᶻ/2 must make N/2 + total_sz an integer in [0, N] (N = {n_sites})",
             )
+    if model.get("count_feature", False) and model.total_sz is None:
+        _fail("model.count_feature", True, "needs a sector: set model.total_sz (e.g. 0) or false")
     _validate_symmetry("model.symmetry", model.symmetry, model.total_sz)
     final_symmetry = cfg.train.get("final_symmetry") if "train" in cfg else None
     if final_symmetry is not None:

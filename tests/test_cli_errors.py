@@ -54,6 +54,7 @@ CASES = [
     (["train", "ham=heisenberg", "model.total_sz=0.5"], ["model.total_sz=0.5", "integer"]),
     (["train", "ham=heisenberg", "model.total_sz=9"], ["model.total_sz=9", "N = 16"]),
     (["train", "model.total_sz=0"], ["model.total_sz=0", "conserve", "null"]),
+    (["train", "ham=heisenberg", "model.count_feature=true"], ["model.count_feature", "total_sz"]),
     (
         ["train", "ham=heisenberg", "model.total_sz=1", "model.symmetry=spin_flip"],
         ["model.symmetry=spin_flip", "total_sz"],

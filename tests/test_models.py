@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -125,6 +126,53 @@ def test_total_sz_sector_carries_the_norm(shape, kind):
     assert torch.isfinite(log_psi).all()
 
 
+@pytest.mark.parametrize("kind", ["pixelcnn", "dense"])
+def test_count_feature_keeps_the_sector_normalized(kind):
+    lattice = SquareLattice(4, 3)
+    model = enumeration_model(kind, lattice, total_sz=0, count_feature=True)
+    assert model.count_weight is not None
+    basis = enumerate_basis(lattice.n_sites)
+    prob = torch.exp(2 * log_psi_all(model, basis).real)
+    in_sector = basis.sum(dim=1) == lattice.n_sites // 2
+    assert prob[in_sector].sum().item() == pytest.approx(1.0, abs=1e-10)
+    assert (prob[~in_sector] == 0).all()
+    # The feature changes the state: the same weights without it give other amplitudes.
+    plain = enumeration_model(kind, lattice, total_sz=0)
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k != "count_weight"}, strict=True
+    )
+    assert (log_psi_all(plain, basis) - log_psi_all(model, basis))[in_sector].abs().max() > 1e-3
+
+
+def test_count_feature_starts_from_the_uniform_state_of_the_sector():
+    # With the rest of the head at zero, ℓ_i alone gives the conditionals of filling the
+    # sector at random: every configuration with N/2 + total_sz ups has 1/C(N, n_up).
+    lattice = SquareLattice(4, 4)
+    for total_sz, n_up in ((0, 8), (-2, 6)):
+        model = PixelCNN(
+            lattice=lattice,
+            layers=2,
+            channels=2,
+            phase=False,
+            total_sz=total_sz,
+            count_feature=True,
+        ).double()
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+        basis = enumerate_basis(16)
+        sector = basis[basis.sum(dim=1) == n_up]
+        prob = torch.exp(2 * log_psi_all(model, sector).real)
+        torch.testing.assert_close(
+            prob, torch.full_like(prob, 1 / math.comb(16, n_up)), rtol=1e-12, atol=0
+        )
+
+
+def test_count_feature_needs_a_sector():
+    with pytest.raises(ValueError, match="model.count_feature=true needs .*model.total_sz"):
+        PixelCNN(lattice=SquareLattice(4, 4), count_feature=True)
+
+
 def test_total_sz_gradients_are_finite():
     lattice = SquareLattice(4, 2)
     model = make_model("pixelcnn", lattice, total_sz=1)
@@ -172,6 +220,23 @@ def test_autoregressive_without_blind_spot(shape, kind):
     assert not missing, f"blind spot: conditional i never depends on x_j for (j, i) in {missing}"
 
 
+@pytest.mark.parametrize("kind", ["pixelcnn", "dense"])
+def test_count_feature_reads_only_earlier_sites(kind):
+    # ℓ_i counts the ups before site i: flipping x_j changes conditionals after j only.
+    lattice = SquareLattice(4, 4)
+    model = make_model(kind, lattice, total_sz=0, count_feature=True)
+    x = random_configurations(64, lattice.n_sites)
+    with torch.no_grad():
+        reference = model.conditionals(x)
+        for j in range(lattice.n_sites):
+            flipped = x.clone()
+            flipped[:, j] = 1 - flipped[:, j]
+            delta = (model.conditionals(flipped) - reference).abs().amax(dim=(0, 2))
+            assert (delta[: j + 1] <= 1e-12).all(), f"conditional i <= {j} sees x_{j}"
+            if j < lattice.n_sites - 1:
+                assert delta[j + 1 :].max() > 1e-6
+
+
 def test_conditionals_are_normalized_per_site():
     lattice = SquareLattice(4, 4)
     for kind in ("pixelcnn", "dense"):
@@ -197,6 +262,8 @@ SAMPLING_CASES = [
     ("pixelcnn", (3, 4), {"layers": 7}),
     ("dense", (3, 3), {}),
     ("dense", (4, 3), {"total_sz": -1}),
+    ("pixelcnn", (4, 4), {"total_sz": 0, "count_feature": True}),
+    ("dense", (4, 3), {"total_sz": -1, "count_feature": True}),
 ]
 
 
@@ -470,6 +537,7 @@ def test_parameter_counts_match_the_paper():
         ((4, 6), {"kernel_size": 5, "phase": False}),
         ((6, 1), {"total_sz": 0}),
         ((2, 2), {"kernel_size": 5, "total_sz": 0}),
+        ((4, 6), {"total_sz": 0, "count_feature": True}),
     ],
 )
 def test_cached_sampling_takes_the_reference_decisions(layers, shape, kwargs):

@@ -157,14 +157,29 @@ def _one_by_one(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             "model.symmetry=lattice_spin_flip",
         ],
         ["ham=heisenberg", "model=dense", "model.total_sz=0.5", "model.symmetry=lattice"],
+        [
+            "ham=heisenberg",
+            "model=pixelcnn",
+            "model.layers=2",
+            "model.channels=3",
+            "model.total_sz=0.5",
+            "model.count_feature=true",
+            "model.symmetry=lattice",
+        ],
     ],
 )
-def test_log_derivatives_equal_one_backward_pass_per_sample(overrides):
+def test_log_derivatives_equal_one_backward_pass_per_sample(overrides, monkeypatch):
     cfg = compose("train", ["lattice.Lx=3", "lattice.Ly=3", "dtype=float64", *overrides])
     state = build.build_training(cfg).state
     state.chunk_size = 7  # several chunks, the last one short
     x, _ = state.model.sample(20, torch.Generator().manual_seed(3))
+
+    def no_fallback(*args):
+        raise AssertionError("a parameter escaped the tap: one backward pass per sample")
+
+    monkeypatch.setattr(jacobian, "_rows_one_by_one", no_fallback)
     got = torch.cat(list(state.log_derivatives(x)))
+    monkeypatch.undo()
     assert got.shape == (20, sum(p.numel() for p in state.parameters()))
     torch.testing.assert_close(got, _one_by_one(state.model, x), rtol=0, atol=1e-12)
 

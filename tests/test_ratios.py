@@ -41,12 +41,15 @@ CASES = [
     (4, 4, 4, 3, True, 0.0),
     (6, 1, 3, 3, True, None),
     (3, 3, 1, 3, False, None),
+    (4, 4, 4, 3, False, "0+count"),
 ]
 
 
 @pytest.mark.parametrize(("lx", "ly", "layers", "kernel", "phase", "total_sz"), CASES)
 def test_pixelcnn_ratios_equal_full_passes(lx, ly, layers, kernel, phase, total_sz):
     lattice = SquareLattice(Lx=lx, Ly=ly)
+    count_feature = total_sz == "0+count"  # Σσᶻ = 0 with `count_feature`
+    total_sz = 0.0 if count_feature else total_sz
     model = PixelCNN(
         lattice=lattice,
         layers=layers,
@@ -54,6 +57,7 @@ def test_pixelcnn_ratios_equal_full_passes(lx, ly, layers, kernel, phase, total_
         kernel_size=kernel,
         phase=phase,
         total_sz=total_sz,
+        count_feature=count_feature,
     )
     model = _perturbed(model, seed=lx * 100 + ly * 10 + layers)
     x, _ = model.sample(9, torch.Generator().manual_seed(3))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naqs_cli import parallel
@@ -102,13 +103,22 @@ class AutoregressiveWaveFunction(nn.Module):
         lattice: the lattice; sites in row-major order are the autoregressive order.
         phase: whether the amplitudes carry a phase (False: real positive Ψ).
         total_sz: fixed Σσᶻ/2 (N/2 + total_sz ups), or None for no constraint.
+        count_feature: add w_s·ℓ_i to a_{i,s}, ℓ_i the log-ratio of the ups to the downs the
+            sector still needs from site i on (`_with_count`; needs total_sz).
 
     Raises:
         TypeError: `lattice` is not a SquareLattice.
-        ValueError: N/2 + total_sz is not an integer in [0, N].
+        ValueError: N/2 + total_sz is not an integer in [0, N], or count_feature without it.
     """
 
-    def __init__(self, *, lattice: SquareLattice, phase: bool, total_sz: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        lattice: SquareLattice,
+        phase: bool,
+        total_sz: float | None,
+        count_feature: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(lattice, SquareLattice):
             raise TypeError(f"lattice must be a SquareLattice, got {type(lattice).__name__}")
@@ -117,6 +127,14 @@ class AutoregressiveWaveFunction(nn.Module):
         self.phase = bool(phase)
         self.total_sz = total_sz
         self.n_up = n_up_for_total_sz(self.n_sites, total_sz)
+        self.count_weight: nn.Parameter | None = None
+        if count_feature:
+            if self.n_up is None:
+                raise ValueError(
+                    "model.count_feature=true needs a fixed sector: set model.total_sz"
+                    " (e.g. 0 for Heisenberg) or model.count_feature=false"
+                )
+            self.count_weight = nn.Parameter(torch.tensor([[-0.25], [0.25]]))
 
     @property
     def has_phase(self) -> bool:
@@ -167,11 +185,37 @@ class AutoregressiveWaveFunction(nn.Module):
             (..., 2) complex128 ln ψ_i(s).
         """
         log_magnitude = constrain_log_magnitudes(
-            log_magnitude.double(), n_up_before, site, self.n_sites, self.n_up
+            self._with_count(log_magnitude, n_up_before, site),
+            n_up_before,
+            site,
+            self.n_sites,
+            self.n_up,
         )
         real = log_magnitude - 0.5 * torch.logsumexp(2 * log_magnitude, dim=-1, keepdim=True)
         imag = torch.zeros_like(real) if phase is None else phase.double()
         return torch.complex(real, imag)
+
+    def _with_count(
+        self, log_magnitude: Tensor, n_up_before: Tensor | None, site: Tensor | int
+    ) -> Tensor:
+        """Return the raw log-magnitudes in float64, plus the count feature's term if enabled.
+
+        With `count_feature`, site i also sees how many ups the sector still needs:
+        ℓ_i = ln[n↑/n↓] with n↑ = n_up − u_i (u_i ups before i) and n↓ = N − i − n↑ the ups
+        and downs still to place (each at least ½: a count of 0 is a forced site, which the
+        constraint masks anyway), and a_{i,s} gains w_s·ℓ_i. ℓ_i depends on x_<i only, so the
+        model stays autoregressive; it is the global count that a convolution's finite
+        receptive field cannot see. w starts at (−¼, ¼), so 2(a_up − a_down) = ℓ_i: with the
+        rest of the head at zero, the conditionals of filling the sector uniformly at random.
+        """
+        if self.count_weight is None:
+            return log_magnitude.double()
+        weight = self.count_weight
+        need_up = (self.n_up - n_up_before).to(device=weight.device, dtype=weight.dtype)
+        left = self.n_sites - torch.as_tensor(site, device=weight.device)
+        ell = torch.log(need_up.clamp(min=0.5) / (left - need_up).clamp(min=0.5))
+        bias = F.linear(ell.unsqueeze(-1), weight)
+        return log_magnitude.double() + bias.double()
 
     def conditionals(self, x: Tensor) -> Tensor:
         """Return the normalized conditional log-amplitudes ln ψ_i(s | x_<i).
@@ -369,7 +413,11 @@ class AutoregressiveWaveFunction(nn.Module):
             (B,) bool, up iff u_i < |ψ_i(up)|² = sigmoid(2(a_up − a_down)) (after the constraint).
         """
         log_magnitude = constrain_log_magnitudes(
-            log_magnitude.double(), n_up_before, site, self.n_sites, self.n_up
+            self._with_count(log_magnitude, n_up_before, site),
+            n_up_before,
+            site,
+            self.n_sites,
+            self.n_up,
         )
         return uniforms < torch.sigmoid(2 * (log_magnitude[:, 1] - log_magnitude[:, 0]))
 

@@ -57,6 +57,8 @@ class DenseNAQS(AutoregressiveWaveFunction):
         hidden: hidden width (≥ N − 1 to let every output see all earlier sites).
         phase: whether to output phases (False: real positive amplitudes).
         total_sz: fixed Σσᶻ/2, or None.
+        count_feature: let each conditional see the ups the sector still needs (needs
+            total_sz; see `AutoregressiveWaveFunction`).
 
     Raises:
         ValueError: a bad layer count, width or total_sz.
@@ -70,8 +72,11 @@ class DenseNAQS(AutoregressiveWaveFunction):
         hidden: int = 64,
         phase: bool = True,
         total_sz: float | None = None,
+        count_feature: bool = False,
     ) -> None:
-        super().__init__(lattice=lattice, phase=phase, total_sz=total_sz)
+        super().__init__(
+            lattice=lattice, phase=phase, total_sz=total_sz, count_feature=count_feature
+        )
         if not isinstance(layers, int) or layers < 1:
             raise ValueError(f"model.layers must be an integer >= 1, got {layers!r}")
         if not isinstance(hidden, int) or hidden < 1:

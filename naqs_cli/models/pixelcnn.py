@@ -59,6 +59,8 @@ class PixelCNN(AutoregressiveWaveFunction):
         kernel_size: K, odd and ≥ 3.
         phase: whether to output phases (False: real positive amplitudes).
         total_sz: fixed Σσᶻ/2, or None.
+        count_feature: let each conditional see the ups the sector still needs (needs
+            total_sz; see `AutoregressiveWaveFunction`).
 
     Raises:
         ValueError: a bad layer count, channel count, kernel size or total_sz.
@@ -73,8 +75,11 @@ class PixelCNN(AutoregressiveWaveFunction):
         kernel_size: int = 3,
         phase: bool = True,
         total_sz: float | None = None,
+        count_feature: bool = False,
     ) -> None:
-        super().__init__(lattice=lattice, phase=phase, total_sz=total_sz)
+        super().__init__(
+            lattice=lattice, phase=phase, total_sz=total_sz, count_feature=count_feature
+        )
         if not isinstance(layers, int) or layers < 1:
             raise ValueError(f"model.layers must be an integer >= 1, got {layers!r}")
         if not isinstance(channels, int) or channels < 2:
