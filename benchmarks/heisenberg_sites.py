@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 from naqs_cli import build, store  # noqa: E402
 from naqs_cli.errors import CheckpointError  # noqa: E402
+from naqs_cli.models import unwrap  # noqa: E402
 from naqs_cli.models.constraints import allowed_states, count_up_before  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = OmegaConf.create(state["config"])
     lattice = build.build_lattice(cfg)
     model = build.build_model(cfg, lattice, "cpu", torch.float64)
-    network = getattr(model, "base", model)
+    network = unwrap(model)
     network.load_state_dict(state["model"])
     if network.n_up is None:
         parser.error("the run has model.total_sz=null: no sector, nothing is forced")

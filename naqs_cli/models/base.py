@@ -104,7 +104,7 @@ class AutoregressiveWaveFunction(nn.Module):
         phase: whether the amplitudes carry a phase (False: real positive Ψ).
         total_sz: fixed Σσᶻ/2 (N/2 + total_sz ups), or None for no constraint.
         count_feature: add w_s·ℓ_i to a_{i,s}, ℓ_i the log-ratio of the ups to the downs the
-            sector still needs from site i on (`_with_count`; needs total_sz).
+            sector still needs from site i on (`_constrained`; needs total_sz).
 
     Raises:
         TypeError: `lattice` is not a SquareLattice.
@@ -184,21 +184,16 @@ class AutoregressiveWaveFunction(nn.Module):
         Returns:
             (..., 2) complex128 ln ψ_i(s).
         """
-        log_magnitude = constrain_log_magnitudes(
-            self._with_count(log_magnitude, n_up_before, site),
-            n_up_before,
-            site,
-            self.n_sites,
-            self.n_up,
-        )
+        log_magnitude = self._constrained(log_magnitude, n_up_before, site)
         real = log_magnitude - 0.5 * torch.logsumexp(2 * log_magnitude, dim=-1, keepdim=True)
         imag = torch.zeros_like(real) if phase is None else phase.double()
         return torch.complex(real, imag)
 
-    def _with_count(
+    def _constrained(
         self, log_magnitude: Tensor, n_up_before: Tensor | None, site: Tensor | int
     ) -> Tensor:
-        """Return the raw log-magnitudes in float64, plus the count feature's term if enabled.
+        """Return the raw log-magnitudes in float64 as the sector shapes them: the count
+        feature's term if enabled, then the Σσᶻ mask (`constrain_log_magnitudes`).
 
         With `count_feature`, site i also sees how many ups the sector still needs:
         ℓ_i = ln[n↑/n↓] with n↑ = n_up − u_i (u_i ups before i) and n↓ = N − i − n↑ the ups
@@ -208,14 +203,14 @@ class AutoregressiveWaveFunction(nn.Module):
         receptive field cannot see. w starts at (−¼, ¼), so 2(a_up − a_down) = ℓ_i: with the
         rest of the head at zero, the conditionals of filling the sector uniformly at random.
         """
-        if self.count_weight is None:
-            return log_magnitude.double()
+        log_magnitude = log_magnitude.double()
         weight = self.count_weight
-        need_up = (self.n_up - n_up_before).to(device=weight.device, dtype=weight.dtype)
-        left = self.n_sites - torch.as_tensor(site, device=weight.device)
-        ell = torch.log(need_up.clamp(min=0.5) / (left - need_up).clamp(min=0.5))
-        bias = F.linear(ell.unsqueeze(-1), weight)
-        return log_magnitude.double() + bias.double()
+        if weight is not None:
+            need_up = (self.n_up - n_up_before).to(device=weight.device, dtype=weight.dtype)
+            left = self.n_sites - torch.as_tensor(site, device=weight.device)
+            ell = torch.log(need_up.clamp(min=0.5) / (left - need_up).clamp(min=0.5))
+            log_magnitude = log_magnitude + F.linear(ell.unsqueeze(-1), weight).double()
+        return constrain_log_magnitudes(log_magnitude, n_up_before, site, self.n_sites, self.n_up)
 
     def conditionals(self, x: Tensor) -> Tensor:
         """Return the normalized conditional log-amplitudes ln ψ_i(s | x_<i).
@@ -412,13 +407,7 @@ class AutoregressiveWaveFunction(nn.Module):
         Returns:
             (B,) bool, up iff u_i < |ψ_i(up)|² = sigmoid(2(a_up − a_down)) (after the constraint).
         """
-        log_magnitude = constrain_log_magnitudes(
-            self._with_count(log_magnitude, n_up_before, site),
-            n_up_before,
-            site,
-            self.n_sites,
-            self.n_up,
-        )
+        log_magnitude = self._constrained(log_magnitude, n_up_before, site)
         return uniforms < torch.sigmoid(2 * (log_magnitude[:, 1] - log_magnitude[:, 0]))
 
     def _sample_reference(self, uniforms: Tensor) -> tuple[Tensor, Tensor]:
